@@ -1,0 +1,1 @@
+"""Triton kernels, one op per module. No model knowledge lives here."""

@@ -1,0 +1,15 @@
+"""Shared test helpers: tolerances and error reports."""
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Relative error in the max norm: max|a - e| / max|e|; reports both errors on failure."""
+    a = actual.double()
+    e = expected.double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values in the result"
+    abs_err = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    rel = abs_err / max(scale, 1e-12)
+    assert rel <= rtol, f"{what}: max abs error {abs_err:.3e}, relative {rel:.3e} > {rtol:.1e}"
