@@ -16,7 +16,9 @@ def next_pow2(n: int) -> int:
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension must be contiguous, got strides {tuple(t.stride())}")
+        raise ValueError(
+            f"{name}: the last dimension must be contiguous, got strides {tuple(t.stride())}"
+        )
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,0 +1,352 @@
+"""Flash-attention forward (online softmax): causal or bidirectional, key-range mask, GQA, bias.
+
+Layout: q is [B, Tq, Hq, D], k and v are [B, S, Hkv, D], each with any strides except a
+contiguous last dim (q may be a slice of a fused QKV output, k/v a [B, Hkv, S, D] cache passed as
+`.transpose(1, 2)`). Hq % Hkv == 0 and query head h reads kv head h // (Hq // Hkv). D may be any
+size (12, 24, 80, ...): the head dim is padded to a power of two >= 16 and masked.
+
+Mask, per batch row b: key j is visible to query i iff kv_start[b] <= j < kv_end[b] and, when
+causal, j <= i + (kv_end[b] - Tq): the causal mask is aligned bottom-right, i.e. the queries are
+the last Tq positions of the valid keys (prefill into a cache that already holds tokens). A query
+row with no visible key outputs exactly 0. The optional additive bias (T5 relative positions) is
+[B, Hq, Tq, S] with any strides (broadcast dims get stride 0) and is added to scale * q.k.
+
+Softmax and accumulation are fp32 (exp2 with log2(e) folded into the scale); the output is in q's
+dtype. One program handles BLOCK_M queries of one (batch, head); key blocks entirely outside
+[kv_start, kv_end) or above the causal diagonal are skipped, and blocks entirely visible run
+without the element-wise mask.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import INTERPRET, check_last_dim_contiguous, dot_precision, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_block_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    bias_base,
+    offs_m,
+    offs_d,
+    mask_m,
+    mask_d,
+    start,
+    end,
+    kv_lo,
+    kv_hi,
+    causal_shift,
+    k_stride_s,
+    v_stride_s,
+    bias_stride_m,
+    bias_stride_n,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N).
+
+    MASKED blocks apply the key-range and causal masks element-wise; unmasked blocks are known to
+    be fully visible to every query row of this program."""
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            mask_n = (offs_n >= kv_lo) & (offs_n < kv_hi)
+        else:
+            mask_n = offs_n < kv_hi
+        # K loaded transposed, [BLOCK_D, BLOCK_N]; keys outside [kv_lo, kv_hi) read as 0
+        k = tl.load(
+            k_base + offs_n[None, :] * k_stride_s + offs_d[:, None],
+            mask=mask_d[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_base + offs_m[:, None] * bias_stride_m + offs_n[None, :] * bias_stride_n,
+                mask=mask_m[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            s += bias.to(tl.float32) * 1.4426950408889634
+        if MASKED:
+            visible = mask_n[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * v_stride_s + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    bias_ptr,
+    kv_start_ptr,
+    kv_end_ptr,
+    q_stride_b,
+    q_stride_t,
+    q_stride_h,
+    k_stride_b,
+    k_stride_s,
+    k_stride_h,
+    v_stride_b,
+    v_stride_s,
+    v_stride_h,
+    out_stride_b,
+    out_stride_t,
+    out_stride_h,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_m,
+    bias_stride_n,
+    Tq,
+    S,
+    Hq,
+    GROUP,
+    D,
+    qk_scale,
+    TQ_BUCKET,  # autotune key only
+    S_BUCKET,  # autotune key only
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    HAS_KV_END: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    h_kv = h // GROUP
+
+    # visible key range of this batch row, clipped to [0, S]
+    kv_lo = 0
+    kv_hi = S
+    if HAS_KV_START:
+        kv_lo = tl.maximum(tl.load(kv_start_ptr + b).to(tl.int32), 0)
+    if HAS_KV_END:
+        kv_hi = tl.minimum(tl.load(kv_end_ptr + b).to(tl.int32), S)
+    causal_shift = kv_hi - Tq
+
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Tq
+    mask_d = offs_d < D
+
+    q = tl.load(
+        q_ptr + b * q_stride_b + h * q_stride_h + offs_m[:, None] * q_stride_t + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    k_base = k_ptr + b * k_stride_b + h_kv * k_stride_h
+    v_base = v_ptr + b * v_stride_b + h_kv * v_stride_h
+    bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h
+
+    # key blocks to visit: [start, end); of those, [full_lo, full_hi) are visible to every row
+    start = (kv_lo // BLOCK_N) * BLOCK_N
+    end = kv_hi
+    full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
+    full_hi = kv_hi
+    if CAUSAL:
+        m_last = tl.minimum(m_start + BLOCK_M, Tq)  # one past this block's last real row
+        end = tl.minimum(end, m_last + causal_shift).to(tl.int32)
+        full_hi = tl.minimum(full_hi, m_start + 1 + causal_shift).to(tl.int32)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    mid_lo = tl.maximum(tl.minimum(full_lo, end), start)
+    mid_hi = tl.maximum(full_hi, mid_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # leading partial block (kv_start not block aligned)
+    acc, m_i, l_i = _attn_block_loop(
+        acc, m_i, l_i, q, k_base, v_base, bias_base, offs_m, offs_d, mask_m, mask_d,
+        start, mid_lo, kv_lo, kv_hi, causal_shift, k_stride_s, v_stride_s,
+        bias_stride_m, bias_stride_n, qk_scale,
+        True, CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    # interior blocks: no element-wise mask
+    acc, m_i, l_i = _attn_block_loop(
+        acc, m_i, l_i, q, k_base, v_base, bias_base, offs_m, offs_d, mask_m, mask_d,
+        mid_lo, mid_hi, kv_lo, kv_hi, causal_shift, k_stride_s, v_stride_s,
+        bias_stride_m, bias_stride_n, qk_scale,
+        False, CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    # trailing blocks: kv_end boundary and the causal diagonal
+    acc, m_i, l_i = _attn_block_loop(
+        acc, m_i, l_i, q, k_base, v_base, bias_base, offs_m, offs_d, mask_m, mask_d,
+        mid_hi, end, kv_lo, kv_hi, causal_shift, k_stride_s, v_stride_s,
+        bias_stride_m, bias_stride_n, qk_scale,
+        True, CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+
+    # rows with no visible key have l = 0 and acc = 0: output exactly 0
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        out_ptr + b * out_stride_b + h * out_stride_h + offs_m[:, None] * out_stride_t
+        + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )  # fmt: skip
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    tq_bucket = named_args["TQ_BUCKET"]
+    s_bucket = named_args["S_BUCKET"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(16, tq_bucket) and c.kwargs["BLOCK_N"] <= max(32, s_bucket)
+    ]
+    return kept or configs[:1]
+
+
+def _gpu_configs():
+    shapes = [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (64, 128, 4, 3),
+        (32, 64, 4, 3),
+        (16, 64, 4, 3),
+        (16, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in shapes
+    ]
+
+
+if INTERPRET:
+    _attn_fwd = _attn_fwd_kernel
+else:
+    _attn_fwd = triton.autotune(
+        configs=_gpu_configs(),
+        key=["TQ_BUCKET", "S_BUCKET", "BLOCK_D", "CAUSAL", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_attn_fwd_kernel)
+
+
+def _bucket(n: int) -> int:
+    return min(max(next_pow2(n), 16), 4096)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(scale * q k^T + bias, masked) v, per batch row and head.
+
+    q: [B, Tq, Hq, D]; k, v: [B, S, Hkv, D] (any strides, contiguous last dim; Hq % Hkv == 0).
+    kv_start / kv_end: int32 [B] on q's device (None: 0 and S); key j is visible to query i iff
+    kv_start[b] <= j < kv_end[b] and, if causal, j <= i + kv_end[b] - Tq. bias: broadcastable to
+    [B, Hq, Tq, S], fp32 or q's dtype. Returns [B, Tq, Hq, D] in q's dtype (or fills `out`);
+    queries that see no key get 0.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v: expected 4-d tensors [B, T, H, D]")
+    B, Tq, Hq, D = q.shape
+    _, S, Hkv, _ = k.shape
+    if k.shape != (B, S, Hkv, D) or v.shape != k.shape:
+        raise ValueError(
+            f"k, v: expected shape {(B, S, Hkv, D)}, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is not None and (t.shape != (B,) or t.dtype != torch.int32 or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous int32 tensor of shape ({B},)")
+    if bias is not None:
+        if bias.dtype not in (torch.float32, q.dtype):
+            raise ValueError(f"bias: dtype {bias.dtype} must be float32 or {q.dtype}")
+        bias = bias.expand(B, Hq, Tq, S)
+    if out is None:
+        out = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    else:
+        if out.shape != (B, Tq, Hq, D) or out.dtype != q.dtype:
+            raise ValueError(
+                f"out: expected {(B, Tq, Hq, D)} {q.dtype}, got {tuple(out.shape)} {out.dtype}"
+            )
+        check_last_dim_contiguous("out", out)
+    if out.numel() == 0:
+        return out
+
+    bias_arg = bias if bias is not None else q
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
+    block_d = max(next_pow2(D), 16)
+    args = (
+        q, k, v, out, bias_arg,
+        kv_start if kv_start is not None else q,
+        kv_end if kv_end is not None else q,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *bias_strides,
+        Tq, S, Hq, Hq // Hkv, D,
+        float(scale) * LOG2E,
+        _bucket(Tq), _bucket(S),
+    )  # fmt: skip
+    meta = dict(
+        CAUSAL=bool(causal),
+        HAS_BIAS=bias is not None,
+        HAS_KV_START=kv_start is not None,
+        HAS_KV_END=kv_end is not None,
+        BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+    if INTERPRET:
+        # few, large programs: the interpreter pays per program instance
+        block_m = min(max(next_pow2(Tq), 16), 32)
+        block_n = 32
+        grid = (triton.cdiv(Tq, block_m), B * Hq)
+        _attn_fwd[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)
+        _attn_fwd[grid](*args, **meta)
+    return out

@@ -1,0 +1,308 @@
+"""Decode attention over a KV cache (one new query per row): split-KV / flash-decoding.
+
+Layout: q is [B, 1, Hq, D], k and v are [B, S_max, Hkv, D] (any strides, contiguous last dim; the
+cache is usually stored [B, Hkv, S_max, D] and passed as `.transpose(1, 2)`). Hq % Hkv == 0; D may
+be any size (padded to a power of two >= 16 and masked). Key j is visible iff
+kv_start[b] <= j < kv_end[b]; kv_start / kv_end are int32 [B] tensors read by the kernel.
+The optional bias is [B, Hq, 1, S_max] with any strides, added to the scaled scores.
+
+CUDA-graph safe: the grid (B * Hkv, num_splits) and num_splits depend only on shapes and the
+device, never on the values in kv_start / kv_end; each split takes its share of the row's actual
+range [kv_start, kv_end) (possibly empty) inside the kernel. One program handles all Hq / Hkv
+query heads of a kv head ([GROUP_PAD >= 16, BLOCK_D] query tile), so K and V are read once per
+group. A second kernel merges the splits' partial (max, sum, acc); with one split the first
+kernel writes the output directly. Rows with no visible key output 0.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import INTERPRET, check_last_dim_contiguous, dot_precision, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    kv_start_ptr,
+    kv_end_ptr,
+    out_ptr,
+    m_part_ptr,
+    l_part_ptr,
+    acc_part_ptr,
+    q_stride_b,
+    q_stride_h,
+    k_stride_b,
+    k_stride_s,
+    k_stride_h,
+    v_stride_b,
+    v_stride_s,
+    v_stride_h,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_n,
+    out_stride_b,
+    out_stride_h,
+    S,
+    Hq,
+    Hkv,
+    GROUP,
+    D,
+    qk_scale,
+    NUM_SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    h_kv = pid_bh % Hkv
+
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.maximum(tl.load(kv_start_ptr + b).to(tl.int32), 0)
+    kv_hi = tl.minimum(tl.load(kv_end_ptr + b).to(tl.int32), S)
+    # this split's share of [kv_lo, kv_hi), in whole blocks; trailing splits may be empty
+    n_keys = tl.maximum(kv_hi - kv_lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = kv_lo + split * chunk
+    hi = tl.minimum(lo + chunk, kv_hi)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < D
+    heads = h_kv * GROUP + offs_g  # query heads of this kv head
+    q = tl.load(
+        q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    k_base = k_ptr + b * k_stride_b + h_kv * k_stride_h
+    v_base = v_ptr + b * v_stride_b + h_kv * v_stride_h
+    bias_base = bias_ptr + b * bias_stride_b + heads * bias_stride_h
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        k = tl.load(
+            k_base + offs_n[None, :] * k_stride_s + offs_d[:, None],
+            mask=mask_d[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_base[:, None] + offs_n[None, :] * bias_stride_n,
+                mask=mask_g[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * v_stride_s + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        tl.store(
+            out_ptr + b * out_stride_b + heads[:, None] * out_stride_h + offs_d[None, :],
+            (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+            mask=mask_g[:, None] & mask_d[None, :],
+        )
+    else:
+        # partials laid out [B * Hq, NUM_SPLITS] and [B * Hq, NUM_SPLITS, D]
+        row = (b * Hq + heads) * NUM_SPLITS + split
+        tl.store(m_part_ptr + row, m_i, mask=mask_g)
+        tl.store(l_part_ptr + row, l_i, mask=mask_g)
+        tl.store(
+            acc_part_ptr + row[:, None] * D + offs_d[None, :],
+            acc,
+            mask=mask_g[:, None] & mask_d[None, :],
+        )
+
+
+@triton.jit
+def _decode_combine_kernel(
+    m_part_ptr,
+    l_part_ptr,
+    acc_part_ptr,
+    out_ptr,
+    out_stride_b,
+    out_stride_h,
+    Hq,
+    D,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # b * Hq + h
+    b = pid // Hq
+    h = pid % Hq
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < D
+    rows = pid * NUM_SPLITS + offs_s
+    m_split = tl.load(m_part_ptr + rows, mask=mask_s, other=float("-inf"))
+    l_split = tl.load(l_part_ptr + rows, mask=mask_s, other=0.0)
+    acc = tl.load(
+        acc_part_ptr + rows[:, None] * D + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    m_max = tl.max(m_split, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m_split - m_safe)  # 0 for empty splits
+    l_sum = tl.sum(w * l_split, 0)
+    o = tl.sum(w[:, None] * acc, 0)
+    o = o / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(
+        out_ptr + b * out_stride_b + h * out_stride_h + offs_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _default_num_splits(B: int, Hkv: int, S_max: int, block_n: int, device: torch.device) -> int:
+    """From shapes only (CUDA graphs): about two waves of programs, >= one block of keys each."""
+    max_splits = triton.cdiv(S_max, block_n)
+    if INTERPRET:
+        return min(max_splits, 2)
+    target = 2 * _num_sms(device)
+    return max(1, min(triton.cdiv(target, B * Hkv), max_splits, 128))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One-query attention over a KV cache: softmax(scale * q k^T + bias) v over visible keys.
+
+    q: [B, 1, Hq, D]; k, v: [B, S_max, Hkv, D] (any strides, contiguous last dim). kv_start
+    (optional) and kv_end: int32 [B] on q's device; key j is visible iff kv_start[b] <= j <
+    kv_end[b]. bias: broadcastable to [B, Hq, 1, S_max], fp32 or q's dtype. num_splits: split-KV
+    factor (default from shapes and the SM count only, so the launch is CUDA-graph safe).
+    Returns [B, 1, Hq, D] in q's dtype (or fills `out`); rows that see no key get 0.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v: expected 4-d tensors [B, T, H, D]")
+    B, Tq, Hq, D = q.shape
+    _, S_max, Hkv, _ = k.shape
+    if Tq != 1:
+        raise ValueError(f"q: decode takes one query per row, got Tq={Tq}")
+    if k.shape != (B, S_max, Hkv, D) or v.shape != k.shape:
+        raise ValueError(
+            f"k, v: expected shape {(B, S_max, Hkv, D)}, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is not None and (t.shape != (B,) or t.dtype != torch.int32 or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous int32 tensor of shape ({B},)")
+    if bias is not None:
+        if bias.dtype not in (torch.float32, q.dtype):
+            raise ValueError(f"bias: dtype {bias.dtype} must be float32 or {q.dtype}")
+        bias = bias.expand(B, Hq, 1, S_max)
+    if out is None:
+        out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
+    else:
+        if out.shape != (B, 1, Hq, D) or out.dtype != q.dtype:
+            raise ValueError(
+                f"out: expected {(B, 1, Hq, D)} {q.dtype}, got {tuple(out.shape)} {out.dtype}"
+            )
+        check_last_dim_contiguous("out", out)
+    if out.numel() == 0:
+        return out
+
+    group = Hq // Hkv
+    group_pad = max(next_pow2(group), 16)
+    block_d = max(next_pow2(D), 16)
+    block_n = 32 if INTERPRET else 64
+    if num_splits is None:
+        num_splits = _default_num_splits(B, Hkv, S_max, block_n, q.device)
+    num_splits = max(int(num_splits), 1)
+    if num_splits > 1:
+        m_part = torch.empty((B * Hq, num_splits), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((B * Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    else:
+        m_part = l_part = acc_part = out  # unused by the kernel
+
+    bias_arg = bias if bias is not None else q
+    bias_strides = (
+        (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
+    )
+    _decode_split_kernel[(B * Hkv, num_splits)](
+        q, k, v, bias_arg,
+        kv_start if kv_start is not None else kv_end,
+        kv_end,
+        out, m_part, l_part, acc_part,
+        q.stride(0), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *bias_strides,
+        out.stride(0), out.stride(2),
+        S_max, Hq, Hkv, group, D,
+        float(scale) * LOG2E,
+        NUM_SPLITS=num_splits,
+        HAS_BIAS=bias is not None,
+        HAS_KV_START=kv_start is not None,
+        GROUP_PAD=group_pad,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4,
+        num_stages=1 if INTERPRET else 3,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_combine_kernel[(B * Hq,)](
+            m_part, l_part, acc_part, out,
+            out.stride(0), out.stride(2),
+            Hq, D,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_pow2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=1 if block_d * next_pow2(num_splits) <= 2048 else 4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,508 @@
+"""GEMM with fused epilogues: y = residual + alpha * act(x @ weight.T + bias).
+
+Layout assumptions:
+- x: [..., K], fp32 / fp16 / bf16. The last dim must be contiguous; a 2D [M, K] view may have any
+  row stride (e.g. ``h[:, -1]`` of a [B, T, K] tensor) and is read in place; >2D inputs are
+  flattened with ``reshape`` (a copy only when the leading dims cannot be merged).
+- weight: [N, K] in nn.Linear layout (y = x @ weight.T), last dim contiguous, same dtype as x.
+  For the gated activations ("silu_mul", "gelu_tanh_mul") weight is the fused
+  cat([gate_weight, up_weight]) of shape [2 * I, K] and the output has I columns.
+- bias: [N] (fused: [2 * I]); residual and out: the output's shape [..., N_out] and x's dtype,
+  last dim contiguous, any row stride. ``out`` may alias ``residual`` (in-place residual add:
+  each element is read and then written by the same program).
+- M, N and K may all be arbitrary (non-power-of-2, e.g. N=37, K=72, M=1): every load and store
+  is masked, and blocks are >= 16 in every dim because tl.dot needs that on the GPU.
+- Products accumulate in fp32; fp32 inputs use IEEE fp32 products (not tf32), as torch does.
+  The epilogue runs in fp32 and rounds once to the output dtype (HF rounds the linear's output
+  before adding the residual; ours is the more exact of the two).
+
+On the GPU the kernel is autotuned with a bucketed key (M rounded up to a power of two, capped;
+N; K), and skinny-M problems (decode) that would leave SMs idle are split along K: fp32 partials
+go to a workspace and a small epilogue kernel sums them. Under the Triton interpreter one large
+fixed config is used and there is no split-K.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import INTERPRET, check_last_dim_contiguous, dot_precision, next_pow2
+
+_ACTIVATIONS = {
+    # public name -> (ACTIVATION constexpr, FUSED_GATE)
+    None: ("none", False),
+    "gelu": ("gelu", False),  # exact erf GELU: HF "gelu", torch.nn.functional.gelu
+    "gelu_tanh": ("gelu_tanh", False),  # HF "gelu_new" / "gelu_pytorch_tanh"
+    "relu": ("relu", False),
+    "silu_mul": ("silu", True),  # Llama MLP: silu(gate) * up
+    "gelu_tanh_mul": ("gelu_tanh", True),  # T5 v1.1 gated-gelu: gelu_new(gate) * up
+}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_M_BUCKET_CAP = 4096  # M above this shares one autotune entry per (N, K)
+
+
+@triton.jit
+def _sigmoid(z):
+    e = tl.exp(-tl.abs(z))  # in (0, 1]: never overflows
+    s = 1.0 / (1.0 + e)
+    return tl.where(z >= 0, s, e * s)
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 * y * (1 + tanh(u)) == y * sigmoid(2u): same function, no cancellation near 0.
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y * _sigmoid(2.0 * u)
+    elif ACTIVATION == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == "silu":
+        y = y * _sigmoid(y)
+    return y
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    acc_up,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    res_stride_m,
+    out_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+):
+    """out = residual + alpha * act(acc + bias) [* (acc_up + bias_up)], in fp32, one rounding."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if FUSED_GATE:
+            acc_up += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = _activation(acc, ACTIVATION)
+    if FUSED_GATE:
+        y = y * acc_up
+    y = y * alpha
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(
+            res_ptr + offs_m[:, None] * res_stride_m + offs_n[None, :], mask=mask, other=0.0
+        )
+        y = y + res.to(tl.float32)
+    out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr,  # [M, K], row stride x_stride_m, unit column stride
+    w_ptr,  # [N, K] or fused [2N, K], row stride w_stride_n, unit column stride
+    bias_ptr,  # [N] or fused [2N]
+    res_ptr,  # [M, N], row stride res_stride_m
+    out_ptr,  # [M, N], row stride out_stride_m
+    ws_ptr,  # split-K fp32 partials [SPLIT_K, M, N or 2N] (only read when SPLIT_K > 1)
+    M,
+    N,  # output columns (I for the fused gated activations)
+    K,
+    M_BUCKET,  # autotune key only: M rounded up to a power of two, capped
+    x_stride_m,
+    w_stride_n,
+    res_stride_m,
+    out_stride_m,
+    ws_stride_split,
+    ws_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row blocks sweep the column blocks together, so the weight tiles
+    # they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_k = tl.program_id(1).to(tl.int64)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    if SPLIT_K == 1:
+        k_start = 0
+        k_end = K
+    else:
+        # This program's slice of K: whole BLOCK_K steps; the last slices may be short or empty.
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+
+    x_ptrs = x_ptr + offs_m[:, None] * x_stride_m + (k_start + offs_k)[None, :]
+    # The weight tile is read transposed, [BLOCK_K, BLOCK_N], from the row-major [N, K] weight.
+    w_ptrs = w_ptr + offs_n[None, :] * w_stride_n + (k_start + offs_k)[:, None]
+    w_up_ptrs = w_ptr + (offs_n + N)[None, :] * w_stride_n + (k_start + offs_k)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        mask_k = offs_k < k_end - k
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if FUSED_GATE:
+            w_up = tl.load(w_up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
+            w_up_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if SPLIT_K == 1:
+        _epilogue(
+            acc,
+            acc_up,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            bias_ptr,
+            res_ptr,
+            out_ptr,
+            res_stride_m,
+            out_stride_m,
+            alpha,
+            ACTIVATION,
+            HAS_BIAS,
+            HAS_RESIDUAL,
+            FUSED_GATE,
+        )
+    else:
+        # fp32 partials; gate columns at n, up columns at N + n. _splitk_epilogue_kernel sums them.
+        mask = mask_m[:, None] & mask_n[None, :]
+        ws_ptrs = ws_ptr + pid_k * ws_stride_split + offs_m[:, None] * ws_stride_m + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=mask)
+        if FUSED_GATE:
+            tl.store(ws_ptrs + N, acc_up, mask=mask)
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr,  # fp32 partials [SPLIT_K, M, N or 2N], contiguous
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    N,
+    ws_stride_split,
+    ws_stride_m,
+    res_stride_m,
+    out_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * ws_stride_m + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        if FUSED_GATE:
+            acc_up += tl.load(ws_ptrs + N, mask=mask, other=0.0)
+        ws_ptrs += ws_stride_split
+    _epilogue(
+        acc,
+        acc_up,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        bias_ptr,
+        res_ptr,
+        out_ptr,
+        res_stride_m,
+        out_stride_m,
+        alpha,
+        ACTIVATION,
+        HAS_BIAS,
+        HAS_RESIDUAL,
+        FUSED_GATE,
+    )
+
+
+def _config(
+    block_m: int, block_n: int, block_k: int, num_stages: int, num_warps: int
+) -> triton.Config:
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    return triton.Config(meta, num_stages=num_stages, num_warps=num_warps)
+
+
+_GPU_CONFIGS = [
+    # skinny M (decode, M <= 16): weight-bandwidth bound; narrow N tiles, long K steps, deep pipelines
+    _config(16, 32, 128, 4, 4),
+    _config(16, 32, 256, 3, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 64, 256, 3, 4),
+    _config(16, 128, 128, 3, 4),
+    # medium M (17..64)
+    _config(32, 64, 128, 4, 4),
+    _config(32, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    # large M (prefill, Bert)
+    _config(64, 256, 64, 3, 8),
+    _config(128, 64, 64, 4, 4),
+    _config(128, 128, 64, 3, 8),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 256, 64, 3, 8),
+]
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the configs whose BLOCK_M suits the M bucket and whose accumulators fit in registers."""
+    args = {**named_args, **kwargs}
+    m_bucket = args["M_BUCKET"]
+    n_acc = 2 if args["FUSED_GATE"] else 1
+    if m_bucket <= 16:
+        block_ms = (16,)
+    elif m_bucket <= 64:
+        block_ms = (32, 64)
+    else:
+        block_ms = (64, 128)
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] in block_ms
+        # fp32 accumulator registers per thread; above ~128 they spill
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * n_acc <= 128 * 32 * c.num_warps
+    ]
+    return kept or configs[:1]
+
+
+_matmul_kernel_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(
+        configs=_GPU_CONFIGS,
+        key=["M_BUCKET", "N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+        # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
+        restore_value=["out_ptr"],
+    )(_matmul_kernel)
+)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split K for skinny M when the output tiles alone would leave most SMs idle (GPU only)."""
+    if INTERPRET or device.type != "cuda" or m > 16 or k < 1024:
+        return 1
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = triton.cdiv(n, 64)  # with BLOCK_N = 64, a typical skinny config
+    split_k = 1
+    while tiles * split_k < num_sms and k // (2 * split_k) >= 512 and split_k < 16:
+        split_k *= 2
+    return split_k
+
+
+def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: device {t.device} does not match x's device {x.device}")
+
+
+def _as_rows(name: str, t: torch.Tensor, n_cols: int, *, view_only: bool) -> torch.Tensor:
+    """[..., n_cols] -> [rows, n_cols] with a unit column stride; a view unless a copy is allowed."""
+    if t.dim() == 2:
+        rows = t
+    elif view_only:
+        try:
+            rows = t.view(-1, n_cols)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{name}: cannot be viewed as [rows, {n_cols}], strides {tuple(t.stride())}"
+            ) from err
+    else:
+        rows = t.reshape(-1, n_cols)
+    if rows.stride(1) != 1 and rows.shape[1] > 1:
+        if view_only:
+            check_last_dim_contiguous(name, rows)
+        rows = rows.contiguous()
+    return rows
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = residual + alpha * act(x @ weight.T + bias), with x: [..., K] and weight: [N, K].
+
+    For activation "silu_mul" / "gelu_tanh_mul" weight (and bias) are the fused
+    cat([gate, up]) of 2 * I rows and y = act(x @ gate.T + b_gate) * (x @ up.T + b_up) has I
+    columns. Returns a new tensor of shape [..., N_out] and x's dtype, or ``out`` when given
+    (``out`` may be ``residual`` itself for an in-place residual add).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation: unknown {activation!r}, expected one of {list(_ACTIVATIONS)}"
+        )
+    act_name, fused_gate = _ACTIVATIONS[activation]
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} is not supported, expected one of {_DTYPES}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape [..., K], got {tuple(x.shape)}")
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(
+            f"weight: expected shape [N, {k}] for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    _check_same("weight", weight, x)
+    check_last_dim_contiguous("weight", weight)
+    n_w = weight.shape[0]
+    if fused_gate and n_w % 2 != 0:
+        raise ValueError(
+            f"weight: activation {activation!r} needs the fused [2 * I, K] cat([gate, up]) weight, "
+            f"got an odd number of rows: {tuple(weight.shape)}"
+        )
+    n = n_w // 2 if fused_gate else n_w
+    out_shape = (*x.shape[:-1], n)
+    if bias is not None:
+        if bias.shape != (n_w,):
+            raise ValueError(
+                f"bias: expected shape ({n_w},) for weight of shape {tuple(weight.shape)}, got {tuple(bias.shape)}"
+            )
+        _check_same("bias", bias, x)
+        bias = bias.contiguous()
+    if residual is not None:
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(
+                f"residual: expected the output's shape {out_shape}, got {tuple(residual.shape)}"
+            )
+        _check_same("residual", residual, x)
+    if out is not None:
+        if tuple(out.shape) != out_shape:
+            raise ValueError(
+                f"out: expected the output's shape {out_shape}, got {tuple(out.shape)}"
+            )
+        _check_same("out", out, x)
+    else:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+
+    x2 = _as_rows("x", x, k, view_only=False)
+    out2 = _as_rows("out", out, n, view_only=True)
+    res2 = _as_rows("residual", residual, n, view_only=False) if residual is not None else None
+    m = x2.shape[0]
+    if m == 0 or n == 0:
+        return out
+
+    split_k = _pick_split_k(m, n, k, x.device)
+    ws = None
+    if split_k > 1:
+        ws = torch.empty((split_k, m, n_w), dtype=torch.float32, device=x.device)
+    dummy = out2  # stands in for absent pointers; never read (constexpr-disabled)
+    args = (
+        x2,
+        weight,
+        bias if bias is not None else dummy,
+        res2 if res2 is not None else dummy,
+        out2,
+        ws if ws is not None else dummy,
+        m,
+        n,
+        k,
+        min(next_pow2(m), _M_BUCKET_CAP),
+        x2.stride(0),
+        weight.stride(0),
+        res2.stride(0) if res2 is not None else 0,
+        out2.stride(0),
+        ws.stride(0) if ws is not None else 0,
+        ws.stride(1) if ws is not None else 0,
+        float(alpha),
+    )
+    meta = {
+        "ACTIVATION": act_name,
+        "HAS_BIAS": bias is not None,
+        "HAS_RESIDUAL": res2 is not None,
+        "FUSED_GATE": fused_gate,
+        "SPLIT_K": split_k,
+        "DOT_PRECISION": dot_precision(x.dtype),
+    }
+
+    def grid(launch_meta):
+        return (
+            triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"]),
+            split_k,
+        )
+
+    if INTERPRET:
+        _matmul_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
+    else:
+        _matmul_kernel_tuned[grid](*args, **meta)
+
+    if split_k > 1:
+        block_m, block_n = (32, 128) if INTERPRET else (16, 256)
+        _splitk_epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            ws,
+            args[2],
+            args[3],
+            out2,
+            m,
+            n,
+            ws.stride(0),
+            ws.stride(1),
+            args[12],
+            out2.stride(0),
+            float(alpha),
+            ACTIVATION=act_name,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=res2 is not None,
+            FUSED_GATE=fused_gate,
+            SPLIT_K=split_k,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
+    return out

@@ -1,0 +1,138 @@
+"""LayerNorm and RMSNorm over the last dimension, with an optional fused residual add.
+
+Layout: x is [..., N] with a contiguous last dim; the leading dims are flattened to rows (any row
+stride). One program normalises one row, so N (any size, not only powers of two) must fit in one
+block: fine for every hidden size of the zoo (<= 8192).
+
+Numerics follow HF: statistics in fp32; for RMSNorm the normalised row is cast back to the input
+dtype before the weight multiply (HF LlamaRMSNorm / T5LayerNorm); LayerNorm rounds once at the end
+(torch.nn.LayerNorm). With a residual, s = x + residual is rounded to the dtype first (HF adds in
+the model dtype), written out as the new residual stream, and normalised.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import INTERPRET, check_last_dim_contiguous, next_pow2
+
+
+@triton.jit
+def _norm_kernel(
+    x_ptr,
+    residual_ptr,
+    residual_out_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    x_stride_row,
+    residual_stride_row,
+    residual_out_stride_row,
+    out_stride_row,
+    N,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    x = tl.load(x_ptr + row * x_stride_row + offs_n, mask=mask_n, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            residual_ptr + row * residual_stride_row + offs_n, mask=mask_n, other=0.0
+        )
+        x = x + residual  # rounded to the model dtype, as HF's `residual + hidden_states`
+        tl.store(residual_out_ptr + row * residual_out_stride_row + offs_n, x, mask=mask_n)
+    x_f32 = x.to(tl.float32)
+    weight = tl.load(weight_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+
+    if IS_RMS:
+        variance = tl.sum(x_f32 * x_f32, axis=0) / N
+        normed = x_f32 * tl.math.rsqrt(variance + eps)
+        # HF LlamaRMSNorm: `weight * hidden_states.to(input_dtype)`
+        y = weight * normed.to(x.dtype).to(tl.float32)
+    else:
+        mean = tl.sum(x_f32, axis=0) / N
+        centered = tl.where(mask_n, x_f32 - mean, 0.0)
+        variance = tl.sum(centered * centered, axis=0) / N
+        y = centered * tl.math.rsqrt(variance + eps) * weight
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    check_last_dim_contiguous(name, t)
+    if t.dim() == 2:
+        return t
+    return t.reshape(-1, t.shape[-1])
+
+
+def _norm(x, weight, bias, eps, residual, is_rms):
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight: expected shape ({n},), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: shape {tuple(residual.shape)} != x {tuple(x.shape)}")
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"residual: dtype {residual.dtype} != x {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError("x: empty input")
+    x_rows = _as_rows("x", x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out_rows = out.view(-1, n)
+    if residual is not None:
+        residual_rows = _as_rows("residual", residual)
+        residual_out = torch.empty_like(out)
+        residual_out_rows = residual_out.view(-1, n)
+    else:
+        residual_rows = residual_out_rows = x_rows  # unused by the kernel
+        residual_out = None
+    block_n = next_pow2(n)
+    num_warps = 4 if INTERPRET else min(max(block_n // 256, 1), 16)
+    _norm_kernel[(x_rows.shape[0],)](
+        x_rows,
+        residual_rows,
+        residual_out_rows,
+        weight,
+        bias if bias is not None else weight,
+        out_rows,
+        x_rows.stride(0),
+        residual_rows.stride(0),
+        residual_out_rows.stride(0),
+        out_rows.stride(0),
+        n,
+        float(eps),
+        IS_RMS=is_rms,
+        HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    if residual is not None:
+        return out, residual_out
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x (or of x + residual). Returns y, or (y, x + residual) when residual is given."""
+    return _norm(x, weight, None, eps, residual, is_rms=True)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of x (or of x + residual). Returns y, or (y, x + residual) when residual is given."""
+    return _norm(x, weight, bias, eps, residual, is_rms=False)

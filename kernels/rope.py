@@ -1,0 +1,187 @@
+"""Rotary position embedding (HF rotate-half layout) fused with the KV-cache write.
+
+Input is the fused QKV projection qkv [B, T, (Hq + 2 * Hkv) * D] (last dim contiguous, any batch and
+token strides): per token the Hq query heads, then Hkv key heads, then Hkv value heads. One program
+handles one token, all heads:
+  - the query heads are rotated in place (the caller uses the q slice of qkv as the query),
+  - the key heads are rotated and written to k_cache[b, :, slot], values copied to v_cache[b, :, slot],
+    where slot = cache_lengths[b] + t, so decode steps need no host-side index (CUDA-graph safe).
+Caches are [B, Hkv, S, D] with a contiguous last dim. Without inv_freq (GPT-2, T5) nothing is
+rotated and the kernel only writes the cache. D must be even; it need not be a power of two.
+
+Numerics: angle = position * inv_freq in fp32 (HF computes the same product in fp32); cos and sin
+are rounded to the activation dtype before use, as HF's LlamaRotaryEmbedding returns them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import check_last_dim_contiguous, next_pow2
+
+
+@triton.jit
+def _rope_cache_kernel(
+    qkv_ptr,
+    positions_ptr,
+    inv_freq_ptr,
+    cache_lengths_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    qkv_stride_b,
+    qkv_stride_t,
+    positions_stride_b,
+    positions_stride_t,
+    cache_stride_b,
+    cache_stride_h,
+    cache_stride_s,
+    T,
+    S,
+    attention_scaling,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    b = token // T
+    t = token % T
+    HALF: tl.constexpr = HEAD_DIM // 2
+    row_ptr = qkv_ptr + b * qkv_stride_b + t * qkv_stride_t
+    slot = tl.load(cache_lengths_ptr + b).to(tl.int64) + t
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_half = tl.arange(0, BLOCK_HALF)
+    mask_half = offs_half < HALF
+    k_heads_ptr = row_ptr + NUM_Q_HEADS * HEAD_DIM
+    mask_k = (offs_h[:, None] < NUM_KV_HEADS) & mask_half[None, :]
+    # a full-tile mask (the interpreter rejects scalar masks mixed into tensor masks)
+    slot_ok = (tl.zeros([BLOCK_H, 1], dtype=tl.int64) + slot) < S
+    k_in = k_heads_ptr + offs_h[:, None] * HEAD_DIM + offs_half[None, :]
+    k_out = (
+        k_cache_ptr + b * cache_stride_b + offs_h[:, None] * cache_stride_h + slot * cache_stride_s
+    )
+    k_out += offs_half[None, :]
+
+    if HAS_ROPE:
+        position = tl.load(positions_ptr + b * positions_stride_b + t * positions_stride_t)
+        inv_freq = tl.load(inv_freq_ptr + offs_half, mask=mask_half, other=0.0)
+        angle = position.to(tl.float32) * inv_freq
+        dtype = qkv_ptr.dtype.element_ty
+        cos = (tl.cos(angle) * attention_scaling).to(dtype).to(tl.float32)[None, :]
+        sin = (tl.sin(angle) * attention_scaling).to(dtype).to(tl.float32)[None, :]
+
+        # queries, rotated in place: out = x * cos + rotate_half(x) * sin
+        mask_q = (offs_h[:, None] < NUM_Q_HEADS) & mask_half[None, :]
+        q1_ptr = row_ptr + offs_h[:, None] * HEAD_DIM + offs_half[None, :]
+        q1 = tl.load(q1_ptr, mask=mask_q, other=0.0).to(tl.float32)
+        q2 = tl.load(q1_ptr + HALF, mask=mask_q, other=0.0).to(tl.float32)
+        tl.store(q1_ptr, (q1 * cos - q2 * sin).to(dtype), mask=mask_q)
+        tl.store(q1_ptr + HALF, (q2 * cos + q1 * sin).to(dtype), mask=mask_q)
+
+        k1 = tl.load(k_in, mask=mask_k, other=0.0).to(tl.float32)
+        k2 = tl.load(k_in + HALF, mask=mask_k, other=0.0).to(tl.float32)
+        k_cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_out, (k1 * cos - k2 * sin).to(k_cache_dtype), mask=mask_k & slot_ok)
+        tl.store(k_out + HALF, (k2 * cos + k1 * sin).to(k_cache_dtype), mask=mask_k & slot_ok)
+    else:
+        k1 = tl.load(k_in, mask=mask_k, other=0.0)
+        k2 = tl.load(k_in + HALF, mask=mask_k, other=0.0)
+        tl.store(k_out, k1.to(k_cache_ptr.dtype.element_ty), mask=mask_k & slot_ok)
+        tl.store(k_out + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask_k & slot_ok)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_v = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    v_in = k_heads_ptr + NUM_KV_HEADS * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    v_out = (
+        v_cache_ptr + b * cache_stride_b + offs_h[:, None] * cache_stride_h + slot * cache_stride_s
+    )
+    v = tl.load(v_in, mask=mask_v, other=0.0)
+    tl.store(v_out + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask_v & slot_ok)
+
+
+def rope_cache_write(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    positions: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Rotate q and k of a fused QKV projection and append k, v to the cache.
+
+    qkv: [B, T, (Hq + 2 * Hkv) * D]; k_cache, v_cache: [B, Hkv, S, D]; cache_lengths: [B] int32,
+    the slot of token t of row b is cache_lengths[b] + t (slots >= S are not written; callers
+    check capacity). positions: [B, T] integer positions (needed with inv_freq); inv_freq: [D / 2]
+    fp32 (None: no rotation). Returns the query view [B, T, Hq, D] of qkv (rotated in place).
+    """
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv: expected [B, T, (Hq + 2 * Hkv) * D], got shape {tuple(qkv.shape)}")
+    batch, seq, width = qkv.shape
+    if width != (num_q_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(
+            f"qkv: last dim {width} != (num_q_heads + 2 * num_kv_heads) * head_dim = "
+            f"{(num_q_heads + 2 * num_kv_heads) * head_dim}"
+        )
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    expected_cache = (batch, num_kv_heads, k_cache.shape[2], head_dim)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(cache.shape) != expected_cache:
+            raise ValueError(f"{name}: expected shape {expected_cache}, got {tuple(cache.shape)}")
+        check_last_dim_contiguous(name, cache)
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same strides")
+    if cache_lengths.shape != (batch,):
+        raise ValueError(
+            f"cache_lengths: expected shape ({batch},), got {tuple(cache_lengths.shape)}"
+        )
+    check_last_dim_contiguous("qkv", qkv)
+    has_rope = inv_freq is not None
+    if has_rope:
+        if positions is None or positions.shape != (batch, seq):
+            got = None if positions is None else tuple(positions.shape)
+            raise ValueError(f"positions: expected shape ({batch}, {seq}), got {got}")
+        if inv_freq.shape != (head_dim // 2,) or inv_freq.dtype != torch.float32:
+            raise ValueError(
+                f"inv_freq: expected fp32 of shape ({head_dim // 2},), "
+                f"got {inv_freq.dtype} {tuple(inv_freq.shape)}"
+            )
+    else:
+        positions = cache_lengths.view(batch, 1)  # unused by the kernel
+        inv_freq = qkv
+    _rope_cache_kernel[(batch * seq,)](
+        qkv,
+        positions,
+        inv_freq,
+        cache_lengths,
+        k_cache,
+        v_cache,
+        qkv.stride(0),
+        qkv.stride(1),
+        positions.stride(0),
+        positions.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        seq,
+        k_cache.shape[2],
+        float(attention_scaling),
+        NUM_Q_HEADS=num_q_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        HAS_ROPE=has_rope,
+        BLOCK_H=next_pow2(max(num_q_heads, num_kv_heads)),
+        BLOCK_HALF=next_pow2(head_dim // 2),
+        BLOCK_D=next_pow2(head_dim),
+        num_warps=4,
+    )
+    return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]

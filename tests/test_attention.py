@@ -1,0 +1,147 @@
+"""Flash-attention forward (kernels.attention) against a plain float64 reference."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import assert_close
+
+from kernels.attention import attention
+
+RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter"
+        ),
+    ),
+]
+
+
+def reference(q, k, v, *, causal, scale, kv_start=None, kv_end=None, bias=None):
+    """Explicit mask + softmax in float64; GQA by repeat_interleave; fully masked rows -> 0."""
+    B, Tq, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qd = q.double().transpose(1, 2)  # (B, Hq, Tq, D)
+    kd = k.double().transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, S, D)
+    vd = v.double().transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+    start = kv_start.long().cpu() if kv_start is not None else torch.zeros(B, dtype=torch.long)
+    end = kv_end.long().cpu() if kv_end is not None else torch.full((B,), S, dtype=torch.long)
+    j = torch.arange(S)[None, None, :]
+    i = torch.arange(Tq)[None, :, None]
+    visible = (j >= start[:, None, None]) & (j < end[:, None, None])  # (B, Tq, S)
+    if causal:
+        visible = visible & (j <= i + (end - Tq)[:, None, None])
+    visible = visible[:, None].to(q.device)  # (B, 1, Tq, S)
+    # zero masked keys first: a NaN in an unused cache slot must not leak into the reference
+    kd = torch.nan_to_num(kd)
+    vd = torch.nan_to_num(vd)
+    scores = scale * (qd @ kd.transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias.double()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros_like(p))
+    return (p @ vd).transpose(1, 2).to(q.dtype)  # (B, Tq, Hq, D)
+
+
+def _qkv(B, Tq, S, Hq, Hkv, D, dtype):
+    q = torch.randn(B, Tq, Hq, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, S, Hkv, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, S, Hkv, D, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+def _lengths(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "causal, B, Tq, S, Hq, Hkv, D",
+    [
+        (True, 2, 33, 33, 4, 4, 16),  # MHA, odd length, two query blocks
+        (False, 2, 7, 7, 6, 2, 24),  # GQA 3, non-power-of-2 head dim
+        (True, 1, 1, 1, 8, 1, 64),  # GQA 8, a single token
+        (False, 1, 7, 70, 8, 2, 64),  # cross attention (Tq != S), GQA 4, three key blocks
+        (True, 1, 70, 70, 2, 2, 24),  # several query and key blocks on the diagonal
+    ],
+)
+def test_attention_shapes(dtype, causal, B, Tq, S, Hq, Hkv, D):
+    q, k, v = _qkv(B, Tq, S, Hq, Hkv, D, dtype)
+    scale = D**-0.5
+    actual = attention(q, k, v, causal=causal, scale=scale)
+    assert actual.shape == (B, Tq, Hq, D) and actual.dtype == dtype and actual.is_contiguous()
+    expected = reference(q, k, v, causal=causal, scale=scale)
+    assert_close(actual, expected, RTOL[dtype], f"attention {dtype} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_left_padding(dtype):
+    """Left-padded decoder batch: rows start at kv_start; queries before it see nothing -> 0."""
+    B, T, Hq, Hkv, D = 3, 40, 4, 1, 16
+    q, k, v = _qkv(B, T, T, Hq, Hkv, D, dtype)
+    kv_start = _lengths([0, 5, 39])
+    actual = attention(q, k, v, causal=True, scale=0.25, kv_start=kv_start)
+    expected = reference(q, k, v, causal=True, scale=0.25, kv_start=kv_start)
+    assert_close(actual, expected, RTOL[dtype], "left padding")
+    assert (actual[1, :5] == 0).all() and (actual[2, :39] == 0).all()
+    assert (actual[2, 39] != 0).any()
+
+
+def test_right_padding_bidirectional():
+    """Bert / T5 encoder key padding via kv_end, including a row with a single key."""
+    B, T, Hq, Hkv, D = 3, 33, 3, 3, 24
+    q, k, v = _qkv(B, T, T, Hq, Hkv, D, torch.float32)
+    kv_end = _lengths([33, 20, 1])
+    actual = attention(q, k, v, causal=False, scale=D**-0.5, kv_end=kv_end)
+    expected = reference(q, k, v, causal=False, scale=D**-0.5, kv_end=kv_end)
+    assert_close(actual, expected, RTOL[torch.float32], "right padding")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_into_cache_strided(dtype):
+    """Chunked prefill: q sliced from a fused QKV output; k/v a transposed [B, Hkv, S_max, D]
+    cache that already holds earlier tokens, left padded, with NaN in the unused slots."""
+    B, Tq, S_max, Hq, Hkv, D = 2, 7, 70, 4, 1, 24
+    qkv = torch.randn(B, Tq, Hq + 2 * Hkv, D, device=DEVICE, dtype=dtype)
+    q = qkv[:, :, :Hq]  # (B, Tq, Hq, D), strided
+    k_cache = torch.full((B, Hkv, S_max, D), float("nan"), device=DEVICE, dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    kv_start = _lengths([0, 3])
+    kv_end = _lengths([37, 25])  # 37 - Tq = 30: the diagonal ends one key short of a block
+    for b in range(B):
+        lo, hi = int(kv_start[b]), int(kv_end[b])
+        k_cache[b, :, lo:hi] = torch.randn(Hkv, hi - lo, D, device=DEVICE, dtype=dtype)
+        v_cache[b, :, lo:hi] = torch.randn(Hkv, hi - lo, D, device=DEVICE, dtype=dtype)
+    k = k_cache.transpose(1, 2)  # (B, S_max, Hkv, D), strided
+    v = v_cache.transpose(1, 2)
+    kw = dict(causal=True, scale=D**-0.5, kv_start=kv_start, kv_end=kv_end)
+    actual = attention(q, k, v, **kw)
+    expected = reference(q, k, v, **kw)
+    assert_close(actual, expected, RTOL[dtype], "prefill into cache")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_bias_batch_stride_zero(dtype, causal):
+    """T5: relative position bias shared across the batch (expand -> batch stride 0), scale 1."""
+    B, T, S, Hq, Hkv, D = 2, 7, 33 if not causal else 7, 4, 4, 16
+    q, k, v = _qkv(B, T, S, Hq, Hkv, D, dtype)
+    bias = torch.randn(1, Hq, T, S, device=DEVICE, dtype=torch.float32).expand(B, Hq, T, S)
+    kv_end = _lengths([S, S - 3])
+    kw = dict(causal=causal, scale=1.0, kv_end=kv_end, bias=bias)
+    actual = attention(q, k, v, **kw)
+    expected = reference(q, k, v, **kw)
+    assert_close(actual, expected, RTOL[dtype], f"bias causal={causal}")
+
+
+def test_out_argument():
+    B, T, Hq, Hkv, D = 1, 7, 4, 2, 16
+    q, k, v = _qkv(B, T, T, Hq, Hkv, D, torch.float32)
+    out = torch.empty(B, T, Hq, D, device=DEVICE)
+    result = attention(q, k, v, causal=True, scale=0.5, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert_close(out, reference(q, k, v, causal=True, scale=0.5), RTOL[torch.float32], "out=")

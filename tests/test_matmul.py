@@ -1,0 +1,161 @@
+"""kernels.matmul against a float64 torch reference: odd shapes, every epilogue, strided views."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+
+import kernels.matmul as mm
+from kernels.matmul import matmul
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Max-norm relative error against float64; fp32 uses IEEE products (no tf32).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter"
+        ),
+    ),
+]
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def reference(x, weight, bias=None, activation=None, residual=None, alpha=1.0):
+    y = x.double() @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "relu":
+        y = F.relu(y)
+    elif activation in ("silu_mul", "gelu_tanh_mul"):
+        gate, up = y.chunk(2, dim=-1)
+        y = (F.silu(gate) if activation == "silu_mul" else F.gelu(gate, approximate="tanh")) * up
+    y = alpha * y
+    if residual is not None:
+        y = residual.double() + y
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m, n, k, has_bias", [(1, 37, 72, True), (3, 64, 48, False), (37, 130, 24, True)]
+)
+def test_plain(dtype, m, n, k, has_bias):
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype)
+    b = rand(n, dtype=dtype) if has_bias else None
+    y = matmul(x, w, b)
+    assert y.dtype == dtype
+    assert_close(y, reference(x, w, b), TOL[dtype], f"matmul {m}x{n}x{k} bias={has_bias}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_activation(dtype, activation):
+    x, w, b = rand(5, 72, dtype=dtype), rand(37, 72, dtype=dtype), rand(37, dtype=dtype)
+    assert_close(
+        matmul(x, w, b, activation=activation),
+        reference(x, w, b, activation),
+        TOL[dtype],
+        activation,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "activation, m, has_bias", [("silu_mul", 1, False), ("gelu_tanh_mul", 37, True)]
+)
+def test_gated(dtype, activation, m, has_bias):
+    inter, k = 37, 48  # odd I: gate rows 0..36, up rows 37..73 of the fused weight
+    x, w = rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype)
+    b = rand(2 * inter, dtype=dtype) if has_bias else None
+    y = matmul(x, w, b, activation=activation)
+    assert y.shape == (m, inter)
+    assert_close(y, reference(x, w, b, activation), TOL[dtype], activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_alpha_3d(dtype):
+    x, w, b = rand(2, 3, 40, dtype=dtype), rand(33, 40, dtype=dtype), rand(33, dtype=dtype)
+    res = rand(2, 3, 33, dtype=dtype)
+    y = matmul(x, w, b, activation="gelu", residual=res, alpha=0.37)
+    assert y.shape == (2, 3, 33)
+    assert_close(y, reference(x, w, b, "gelu", res, 0.37), TOL[dtype], "residual + alpha * gelu")
+
+
+def test_strided_views():
+    big = rand(3, 5, 72)
+    x = big[:, -1]  # [3, 72] with row stride 5 * 72, read in place
+    res_big = rand(3, 4, 37)
+    res = res_big[:, 0]  # row stride 4 * 37
+    w, b = rand(37, 72), rand(37)
+    assert not x.is_contiguous() and not res.is_contiguous()
+    y = matmul(x, w, b, residual=res, alpha=2.0)
+    assert_close(
+        y, reference(x, w, b, None, res, 2.0), TOL[torch.float32], "strided x and residual"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_out_aliases_residual(dtype):
+    x, w, b = rand(2, 4, 24, dtype=dtype), rand(130, 24, dtype=dtype), rand(130, dtype=dtype)
+    h = rand(2, 4, 130, dtype=dtype)
+    expected = reference(x, w, b, "relu", h, 0.5)
+    y = matmul(x, w, b, activation="relu", residual=h, alpha=0.5, out=h)
+    assert y is h
+    assert_close(h, expected, TOL[dtype], "in-place residual add")
+
+
+@pytest.mark.parametrize(
+    "activation, k, split_k",
+    [("silu_mul", 300, 3), (None, 72, 4)],  # 3 uneven slices; 4 slices of which two are empty
+)
+def test_split_k(monkeypatch, activation, k, split_k):
+    monkeypatch.setattr(mm, "_pick_split_k", lambda *args: split_k)
+    n_w = 74 if activation == "silu_mul" else 37
+    x, w, b, res = rand(3, k), rand(n_w, k), rand(n_w), rand(3, 37)
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    assert_close(
+        y, reference(x, w, b, activation, res, 0.5), TOL[torch.float32], f"split-K {split_k}"
+    )
+
+
+def test_empty_rows():
+    y = matmul(rand(0, 16), rand(8, 16))
+    assert y.shape == (0, 8)
+
+
+def test_errors():
+    x, w = rand(3, 16), rand(8, 16)
+    with pytest.raises(ValueError, match=r"weight.*\[N, 16\].*\(3, 16\).*\(8, 12\)"):
+        matmul(x, rand(8, 12))
+    with pytest.raises(ValueError, match=r"bias.*\(8,\).*\(7,\)"):
+        matmul(x, w, rand(7))
+    with pytest.raises(ValueError, match=r"residual.*\(3, 8\).*\(3, 9\)"):
+        matmul(x, w, residual=rand(3, 9))
+    with pytest.raises(ValueError, match=r"out.*\(3, 8\).*\(2, 8\)"):
+        matmul(x, w, out=rand(2, 8))
+    with pytest.raises(ValueError, match="weight: dtype"):
+        matmul(x, w.half())
+    with pytest.raises(ValueError, match="bias: dtype"):
+        matmul(x, w, rand(8).half())
+    with pytest.raises(ValueError, match="residual: dtype"):
+        matmul(x, w, residual=rand(3, 8).half())
+    with pytest.raises(ValueError, match="x: dtype"):
+        matmul(x.double(), w.double())
+    with pytest.raises(ValueError, match="activation"):
+        matmul(x, w, activation="swish")
+    with pytest.raises(ValueError, match="odd number of rows"):
+        matmul(x, rand(7, 16), activation="silu_mul")
+    with pytest.raises(ValueError, match="weight: the last dimension must be contiguous"):
+        matmul(x, rand(16, 8).t())

@@ -1,0 +1,185 @@
+"""Small modules shared by the families: fused linear, norms, rotary frequencies, attention block.
+
+Each module holds parameters and calls one of our kernels explicitly in forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.attention import attention
+from kernels.decode import decode_attention
+from kernels.matmul import matmul
+from kernels.norm import layer_norm, rms_norm
+from kernels.rope import rope_cache_write
+
+
+class Linear(nn.Module):
+    """y = residual + alpha * act(x @ weight.T + bias), in one matmul kernel.
+
+    A fused layer (QKV, gate-up) is one Linear whose rows are the concatenated projections.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        activation: str | None = None,
+        residual: torch.Tensor | None = None,
+        alpha: float = 1.0,
+    ) -> torch.Tensor:
+        return matmul(
+            x, self.weight, self.bias, activation=activation, residual=residual, alpha=alpha
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.bias = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, as HF's `_compute_default_rope_parameters` and
+    `_compute_llama3_parameters` compute them (same op order, on the CPU)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type != "llama3":
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # wavelengths longer than the original context are slowed by `factor`, short ones kept, and
+    # the band between is interpolated smoothly
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed, inv_freq_llama)
+
+
+@dataclass
+class AttentionInputs:
+    """Per-forward state shared by every attention layer (all device tensors, no host values
+    derived from data, so a decode step can be captured in a CUDA graph)."""
+
+    cache_lengths: torch.Tensor  # [B] int32: slots already in the cache before this forward
+    kv_start: torch.Tensor  # [B] int32: first real slot (left padding)
+    kv_end: torch.Tensor  # [B] int32: cache_lengths + T
+    positions: torch.Tensor | None = None  # [B, T] rotary positions
+    inv_freq: torch.Tensor | None = None  # [D / 2] fp32; None: no rotary embedding
+    decode: bool = False  # T == 1 over a cache: the split-KV decode kernel
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection -> (rotary + cache write) -> attention -> output projection with the
+    residual add fused into its epilogue."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        scale: float,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.causal = causal
+        self.qkv = Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+        self.out = Linear(num_heads * head_dim, hidden_size, bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        inputs: AttentionInputs,
+        residual: torch.Tensor,
+        residual_scale: float = 1.0,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv = self.qkv(x)  # (B, T, (H + 2 * Hkv) * D)
+        q = rope_cache_write(
+            qkv,
+            k_cache,
+            v_cache,
+            inputs.cache_lengths,
+            num_q_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            positions=inputs.positions,
+            inv_freq=inputs.inv_freq,
+        )  # (B, T, H, D), a view of qkv
+        k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, S, Hkv, D)
+        if inputs.decode:
+            o = decode_attention(
+                q, k, v, scale=self.scale, kv_start=inputs.kv_start, kv_end=inputs.kv_end
+            )
+        else:
+            o = attention(
+                q,
+                k,
+                v,
+                causal=self.causal,
+                scale=self.scale,
+                kv_start=inputs.kv_start,
+                kv_end=inputs.kv_end,
+            )
+        o = o.view(batch, seq, self.num_heads * self.head_dim)
+        return self.out(o, residual=residual, alpha=residual_scale)
+
+
+def init_random_(model: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Random weights for benchmarks (pretrained=False): N(0, std) matrices and embeddings, unit
+    norm weights, zero biases."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)

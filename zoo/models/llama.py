@@ -1,0 +1,212 @@
+"""Llama 3 and Granite: one decoder-only model.
+
+Granite 3 is Llama plus four multipliers (embedding, attention scale, residual branch, logits);
+Granite Code is Llama with attention and MLP biases and a tied head. The block:
+    h = embed(ids) * embedding_multiplier
+    h = h + residual_multiplier * o_proj(attn(rope(qkv(rms_norm(h)))))
+    h = h + residual_multiplier * down(silu(gate(x)) * up(x)),  x = rms_norm(h)
+    logits = head(rms_norm(h)) / logits_scaling
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.embedding import embedding
+from kernels.matmul import matmul
+from zoo.cache import KVCache
+from zoo.generation import DecoderOnlyLM
+from zoo.layers import (
+    AttentionInputs,
+    Linear,
+    RMSNorm,
+    SelfAttention,
+    init_random_,
+    rope_inv_freq,
+)
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Granite's multipliers (1.0 and head_dim**-0.5 reproduce Llama)
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_multiplier is None:
+            self.attention_multiplier = self.head_dim**-0.5
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> LlamaConfig:
+        """From a `llama` or `granite` config.json (transformers 4.x `rope_theta`/`rope_scaling`
+        or 5.x `rope_parameters`)."""
+        hidden = hf["hidden_size"]
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters")
+        if rope is not None:
+            theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+            scaling = rope if rope.get("rope_type", "default") != "default" else None
+        else:
+            theta = hf.get("rope_theta", 10000.0)
+            scaling = hf.get("rope_scaling")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"unsupported hidden_act {hf['hidden_act']!r} for llama; supported: silu"
+            )
+        is_granite = hf.get("model_type") == "granite"
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            embedding_multiplier=hf.get("embedding_multiplier", 1.0) if is_granite else 1.0,
+            attention_multiplier=hf.get("attention_multiplier", 1.0) if is_granite else None,
+            residual_multiplier=hf.get("residual_multiplier", 1.0) if is_granite else 1.0,
+            logits_scaling=hf.get("logits_scaling", 1.0) if is_granite else 1.0,
+            initializer_range=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, config.mlp_bias)
+        self.down = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
+
+    def forward(self, x, residual, residual_scale):
+        hidden = self.gate_up(x, activation="silu_mul")  # silu(gate) * up, (B, T, I)
+        return self.down(hidden, residual=residual, alpha=residual_scale)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.residual_multiplier = config.residual_multiplier
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = SelfAttention(
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            bias=config.attention_bias,
+            scale=config.attention_multiplier,
+            causal=True,
+        )
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, h, k_cache, v_cache, inputs: AttentionInputs):
+        h = self.attn(self.attn_norm(h), k_cache, v_cache, inputs, h, self.residual_multiplier)
+        return self.mlp(self.mlp_norm(h), h, self.residual_multiplier)
+
+
+class Llama(DecoderOnlyLM):
+    """Llama 3 / Granite causal LM on our kernels. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # a tied head reads the embedding matrix itself (no second parameter to keep in sync)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+
+    def init_buffers(self) -> None:
+        """Fill non-parameter state after the parameters are allocated (or loaded)."""
+        c = self.config
+        if self.inv_freq.device.type != "meta":
+            inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def init_random(self, generator: torch.Generator | None = None) -> None:
+        init_random_(self, self.config.initializer_range, generator)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        c = self.config
+        return KVCache(
+            c.num_layers,
+            batch_size,
+            c.num_kv_heads,
+            max_length,
+            c.head_dim,
+            self.embed.weight.dtype,
+            self.embed.weight.device,
+        )
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run input_ids [B, T] at `positions` [B, T] after the tokens already in `cache`, append
+        their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only)."""
+        seq = input_ids.shape[1]
+        inputs = AttentionInputs(
+            cache_lengths=cache.lengths,
+            kv_start=cache.kv_start,
+            kv_end=cache.lengths + seq,
+            positions=positions,
+            inv_freq=self.inv_freq,
+            decode=seq == 1,
+        )
+        h = embedding(input_ids, self.embed.weight, scale=self.config.embedding_multiplier)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache.k[i], cache.v[i], inputs)  # (B, T, hidden)
+        cache.lengths.add_(seq)
+        if last_only:
+            h = h[:, -1:]
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)
