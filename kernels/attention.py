@@ -222,27 +222,39 @@ def _attn_fwd_kernel(
     )  # fmt: skip
 
 
+def _smem_bytes(config, block_d: int, elem_size: int) -> int:
+    """Rough shared memory of a config: the Q tile plus `num_stages` K and V tiles."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return elem_size * block_d * (bm + 2 * config.num_stages * bn)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    tq_bucket = named_args["TQ_BUCKET"]
-    s_bucket = named_args["S_BUCKET"]
+    """Drop blocks larger than the (bucketed) problem and configs that cannot fit in shared
+    memory (fp32 or D=256 with big blocks): fewer compilations per autotune key."""
+    tq_bucket, s_bucket = named_args["TQ_BUCKET"], named_args["S_BUCKET"]
+    block_d = kwargs["BLOCK_D"]
+    elem_size = named_args["q_ptr"].element_size()
     kept = [
         c
         for c in configs
-        if c.kwargs["BLOCK_M"] <= max(16, tq_bucket) and c.kwargs["BLOCK_N"] <= max(32, s_bucket)
+        if c.kwargs["BLOCK_M"] <= max(16, tq_bucket)
+        and c.kwargs["BLOCK_N"] <= max(32, s_bucket)
+        and _smem_bytes(c, block_d, elem_size) <= 227 * 1024  # Hopper max per block
     ]
-    return kept or configs[:1]
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, block_d, elem_size))]
 
 
 def _gpu_configs():
-    shapes = [
+    shapes = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         (128, 64, 8, 3),
         (128, 128, 8, 3),
         (128, 64, 4, 3),
         (64, 64, 4, 3),
         (64, 128, 4, 3),
+        (64, 32, 4, 2),
         (32, 64, 4, 3),
         (16, 64, 4, 3),
-        (16, 32, 4, 4),
+        (16, 32, 4, 2),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

@@ -38,6 +38,8 @@ def reference(x, weight, bias=None, activation=None, residual=None, alpha=1.0):
         y = F.gelu(y, approximate="tanh")
     elif activation == "relu":
         y = F.relu(y)
+    elif activation == "tanh":
+        y = torch.tanh(y)
     elif activation in ("silu_mul", "gelu_tanh_mul"):
         gate, up = y.chunk(2, dim=-1)
         y = (F.silu(gate) if activation == "silu_mul" else F.gelu(gate, approximate="tanh")) * up
@@ -60,7 +62,7 @@ def test_plain(dtype, m, n, k, has_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "tanh"])
 def test_activation(dtype, activation):
     x, w, b = rand(5, 72, dtype=dtype), rand(37, 72, dtype=dtype), rand(37, dtype=dtype)
     assert_close(
