@@ -1,0 +1,152 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, fused QKV (HF's c_attn is already fused),
+tanh-GELU fused into the MLP matmul, tied head.
+    h = wte[ids] + wpe[positions]
+    h = h + c_proj(attn(c_attn(ln_1(h))))
+    h = h + c_proj(gelu_new(c_fc(ln_2(h))))
+    logits = ln_f(h) @ wte.T
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.embedding import embedding
+from kernels.matmul import matmul
+from zoo.cache import KVCache
+from zoo.generation import DecoderOnlyLM
+from zoo.layers import AttentionInputs, LayerNorm, Linear, SelfAttention, init_random_
+
+# HF GPT-2 activation names -> our matmul epilogues
+ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    activation: str  # our epilogue name
+    layer_norm_epsilon: float
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> GPT2Config:
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation_function {activation!r} for gpt2; supported: "
+                f"{', '.join(ACTIVATIONS)}"
+            )
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag, False):
+                raise ValueError(f"unsupported gpt2 option {flag}=True")
+        if not hf.get("scale_attn_weights", True):
+            raise ValueError("unsupported gpt2 option scale_attn_weights=False")
+        if hf["n_embd"] % hf["n_head"]:
+            raise ValueError(f"n_embd {hf['n_embd']} is not a multiple of n_head {hf['n_head']}")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            n_positions=hf.get("n_positions", 1024),
+            n_embd=hf["n_embd"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
+            activation=ACTIVATIONS[activation],
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            initializer_range=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        c = config
+        self.activation = c.activation
+        self.ln_1 = LayerNorm(c.n_embd, c.layer_norm_epsilon)
+        self.attn = SelfAttention(
+            c.n_embd, c.n_head, c.n_head, c.head_dim, bias=True, scale=c.head_dim**-0.5
+        )
+        self.ln_2 = LayerNorm(c.n_embd, c.layer_norm_epsilon)
+        self.fc = Linear(c.n_embd, c.n_inner, bias=True)
+        self.proj = Linear(c.n_inner, c.n_embd, bias=True)
+
+    def forward(self, h, k_cache, v_cache, inputs: AttentionInputs):
+        h = self.attn(self.ln_1(h), k_cache, v_cache, inputs, h)
+        hidden = self.fc(self.ln_2(h), activation=self.activation)  # (B, T, n_inner)
+        return self.proj(hidden, residual=h)
+
+
+class GPT2(DecoderOnlyLM):
+    """GPT-2 causal LM on our kernels. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.blocks = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+
+    def init_buffers(self) -> None:
+        pass
+
+    def init_random(self, generator: torch.Generator | None = None) -> None:
+        init_random_(self, self.config.initializer_range, generator)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.n_positions
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        c = self.config
+        weight = self.wte.weight
+        return KVCache(
+            c.n_layer, batch_size, c.n_head, max_length, c.head_dim, weight.dtype, weight.device
+        )
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run input_ids [B, T] at `positions` [B, T] after the tokens already in `cache`, append
+        their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only)."""
+        seq = input_ids.shape[1]
+        inputs = AttentionInputs(
+            cache_lengths=cache.lengths,
+            kv_start=cache.kv_start,
+            kv_end=cache.lengths + seq,
+            decode=seq == 1,
+        )
+        h = embedding(
+            input_ids, self.wte.weight, positions=positions, position_weight=self.wpe.weight
+        )
+        for i, block in enumerate(self.blocks):
+            h = block(h, cache.k[i], cache.v[i], inputs)  # (B, T, n_embd)
+        cache.lengths.add_(seq)
+        if last_only:
+            h = h[:, -1:]
+        return matmul(self.ln_f(h), self.wte.weight)  # tied head
