@@ -1,0 +1,259 @@
+"""Bert: a bidirectional post-LayerNorm encoder, with the optional pooler.
+
+    h = layer_norm(word[ids] + token_type[tt] + position[t])
+    h = layer_norm(h + out(attn(qkv(h))))                    # attention over the real keys only
+    h = layer_norm(h + down(gelu(up(h))))
+    pooler_output = tanh(dense(h[:, 0]))                     # [CLS]
+
+A batch is right-padded: `attention_mask` rows are ones then zeros, and each row's keys stop at its
+length (the attention kernel's kv_end), so padding never changes the real positions' outputs.
+Padded positions are computed too (they attend to the real keys), as HF's BertModel does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.attention import attention
+from kernels.embedding import embedding
+from zoo.generation import check_input_ids
+from zoo.layers import LayerNorm, Linear, init_random_
+
+# HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str = "gelu"
+    # BertModel builds a pooler; a checkpoint without one (BertForMaskedLM) turns it off
+    add_pooling_layer: bool = True
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported hidden_act {self.hidden_act!r} for bert; "
+                f"supported: {', '.join(ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> BertConfig:
+        """From a `bert` config.json (an encoder with absolute positions)."""
+        position_type = hf.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(
+                f"unsupported position_embedding_type {position_type!r} for bert; "
+                "supported: absolute"
+            )
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ValueError("bert as a decoder (is_decoder / add_cross_attention) is unsupported")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            hidden_act=hf.get("hidden_act", "gelu"),
+            initializer_range=hf.get("initializer_range", 0.02),
+            pad_token_id=hf.get("pad_token_id", 0),
+        )
+
+
+@dataclass
+class BertOutput:
+    last_hidden_state: torch.Tensor  # [B, T, hidden]
+    pooler_output: torch.Tensor | None  # [B, hidden]; None when the checkpoint has no pooler
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        # word + token type first, then + position, rounded in that order as HF's BertEmbeddings
+        # adds them (the kernel's second table is any [rows, hidden] table)
+        x = embedding(
+            input_ids,
+            self.word.weight,
+            positions=token_type_ids,
+            position_weight=self.token_type.weight,
+        )  # (B, T, hidden)
+        h, _ = self.norm(x, residual=embedding(position_ids, self.position.weight))
+        return h
+
+
+class BertBlock(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.qkv = Linear(hidden, 3 * hidden, bias=True)
+        self.attn_out = Linear(hidden, hidden, bias=True)
+        self.attn_norm = LayerNorm(hidden, eps)
+        self.intermediate = Linear(hidden, config.intermediate_size, bias=True)
+        self.output = Linear(config.intermediate_size, hidden, bias=True)
+        self.output_norm = LayerNorm(hidden, eps)
+
+    def forward(self, h: torch.Tensor, kv_end: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, hidden = h.shape
+        qkv = self.qkv(h).view(batch, seq, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
+        q, k, v = qkv.unbind(2)  # (B, T, H, D) views of the fused output
+        o = attention(q, k, v, causal=False, scale=self.scale, kv_end=kv_end)  # (B, T, H, D)
+        # post-LayerNorm: the residual add is fused into the projection's epilogue
+        h = self.attn_norm(self.attn_out(o.view(batch, seq, hidden), residual=h))
+        x = self.intermediate(h, activation=self.activation)  # (B, T, I)
+        return self.output_norm(self.output(x, residual=h))
+
+
+class Bert(nn.Module):
+    """Bert encoder on our kernels.
+
+    `model(input_ids, attention_mask=None, token_type_ids=None)` -> BertOutput with
+    `last_hidden_state` [B, T, hidden] and `pooler_output` [B, hidden] (None without a pooler).
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertBlock(config) for _ in range(config.num_layers))
+        self.pooler = (
+            Linear(config.hidden_size, config.hidden_size, bias=True)
+            if config.add_pooling_layer
+            else None
+        )
+
+    def init_buffers(self) -> None:
+        """Nothing to fill: Bert has no non-parameter state."""
+
+    def init_random(self, generator: torch.Generator | None = None) -> None:
+        init_random_(self, self.config.initializer_range, generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BertOutput:
+        """Encode a right-padded batch of token ids [B, T].
+
+        attention_mask [B, T]: 1 for real tokens, 0 for padding; each row is ones then zeros with
+        at least one 1 (None: every token is real). token_type_ids [B, T] in
+        [0, type_vocab_size) (None: all 0). Outputs at padded positions are computed but
+        meaningless; the real positions do not depend on them.
+        """
+        c = self.config
+        check_input_ids(input_ids, c.vocab_size, self.device)
+        batch, seq = input_ids.shape
+        if seq > c.max_position_embeddings:
+            raise ValueError(
+                f"input_ids: {seq} tokens exceed max_position_embeddings {c.max_position_embeddings}"
+            )
+        kv_end = right_padded_lengths(attention_mask, input_ids)
+        token_type_ids = _check_token_types(token_type_ids, input_ids, c.type_vocab_size)
+        position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+
+        h = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, hidden)
+        for layer in self.layers:
+            h = layer(h, kv_end)
+        pooled = None
+        if self.pooler is not None:
+            pooled = self.pooler(h[:, 0], activation="tanh")  # (B, hidden), from [CLS]
+        return BertOutput(last_hidden_state=h, pooler_output=pooled)
+
+
+def right_padded_lengths(
+    attention_mask: torch.Tensor | None, input_ids: torch.Tensor
+) -> torch.Tensor | None:
+    """Real lengths [B] (int32) of a right-padded batch, or None without a mask."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask.device != input_ids.device:
+        raise ValueError(
+            f"attention_mask: on {attention_mask.device}, input_ids on {input_ids.device}"
+        )
+    mask = attention_mask.to(torch.int64)
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError("attention_mask: values must be 0 or 1")
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError(
+            "attention_mask: Bert batches must be right-padded (each row: ones, then zeros)"
+        )
+    if (mask[:, 0] == 0).any():
+        raise ValueError("attention_mask: a row has no real token")
+    return mask.sum(-1).to(torch.int32)
+
+
+def _check_token_types(
+    token_type_ids: torch.Tensor | None, input_ids: torch.Tensor, type_vocab_size: int
+) -> torch.Tensor:
+    if token_type_ids is None:
+        return torch.zeros_like(input_ids)
+    if not isinstance(token_type_ids, torch.Tensor):
+        raise TypeError(
+            f"token_type_ids: expected a torch.Tensor, got {type(token_type_ids).__name__}"
+        )
+    if token_type_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_type_ids: expected int64 or int32, got {token_type_ids.dtype}")
+    if token_type_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"token_type_ids: shape {tuple(token_type_ids.shape)} != input_ids {tuple(input_ids.shape)}"
+        )
+    if token_type_ids.device != input_ids.device:
+        raise ValueError(
+            f"token_type_ids: on {token_type_ids.device}, input_ids on {input_ids.device}"
+        )
+    low, high = token_type_ids.min().item(), token_type_ids.max().item()
+    if low < 0 or high >= type_vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token_type_ids: {bad} is outside [0, {type_vocab_size})")
+    return token_type_ids
