@@ -2,6 +2,11 @@
 
     python examples/generate.py --model llama3.2-1b-instruct --prompt "The capital of France is"
     python examples/generate.py --model /path/to/hf/checkpoint --prompt "..." --max-new-tokens 64
+    python examples/generate.py --prompt "Once upon a time" --stream --do-sample --temperature 0.8 --top-p 0.95 --seed 0
+    python examples/generate.py --prompt "A" --prompt "B" --stop "."          # a batch, each row cut at "."
+
+Greedy unless --do-sample. One prompt with --stream prints the text as it is produced; several
+prompts run as one left-padded batch (each row stops at its own EOS or stop string).
 """
 
 import argparse
@@ -13,23 +18,57 @@ import zoo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Greedy text generation with a zoo model")
+    parser = argparse.ArgumentParser(description="Text generation with a zoo model")
     parser.add_argument("--model", default="llama3.2-1b-instruct", help="registry name or folder")
     parser.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--stream", action="store_true", help="print text as it is produced")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", help="stop string (repeat for more)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
     model = zoo.load(args.model, device=args.device)
     prompts = args.prompt or ["The three laws of thermodynamics are"]
+    if args.stream and len(prompts) > 1:
+        parser.error("--stream takes one --prompt")
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
     start = time.perf_counter()
-    texts = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+    if args.stream:
+        print(prompts[0], end="", flush=True)
+        stream = model.generate(prompts[0], stream=True, **options)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print("\n")
+        texts = None
+    else:
+        texts = model.generate(prompts, **options)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    for prompt, text in zip(prompts, texts, strict=True):
-        print(f"{prompt}{text}\n")
-    print(f"[{args.max_new_tokens} new tokens x {len(prompts)} prompts in {seconds:.2f} s]")
+    if texts is not None:
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"{prompt}{text}\n")
+        print(
+            f"[up to {args.max_new_tokens} new tokens x {len(prompts)} prompts in {seconds:.2f} s]"
+        )
+    else:
+        count = len(stream.tokens)
+        print(f"[{count} new tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s]")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ the device only every few steps to see whether every row has finished. The eager
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 # The host checks for "all rows finished" every this many steps (one sync each time); the extra
 # steps a batch may run are trimmed from the output.
 STOP_CHECK_INTERVAL = 8
+# model.chat's default reply length (less where the context ends sooner).
+CHAT_MAX_NEW_TOKENS = 512
 # Decode graphs are kept per (batch size, cache length rounded up to this).
 CACHE_LENGTH_BUCKET = 256
 
@@ -88,15 +91,91 @@ class DecodeState:
     step: torch.Tensor  # [1] int64: column of `out` the next step writes
     eos: torch.Tensor  # [E] eos ids
     pad_token_id: int
+    seen: torch.Tensor | None = None  # [B, V] bool: tokens so far (repetition penalty only)
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
+@dataclass(frozen=True)
+class SamplingParams:
+    """Token choice, with HF `generate`'s meaning of each keyword. The processors run in HF's order:
+    repetition penalty, then (when sampling) temperature, top-k, top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an int >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.repetition_penalty, int | float) or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}"
+            )
+
+    @property
+    def samples(self) -> bool:
+        return self.do_sample and self.temperature > 0
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float):
+    """HF RepetitionPenaltyLogitsProcessor: seen tokens' scores are divided by the penalty when
+    positive and multiplied by it when negative."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """HF TopKLogitsWarper: keep the scores >= the k-th largest (ties at the boundary kept)."""
+    top_k = min(top_k, scores.shape[-1])
+    kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """HF TopPLogitsWarper: drop the least likely tokens whose total probability is <= 1 - top_p,
+    always keeping the most likely one."""
+    sorted_scores, sorted_index = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: greedy, or a sample from the filtered distribution."""
+    scores = logits.float()
+    if params.repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
+    if not params.samples:
+        return scores.argmax(dim=-1)
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k > 0:
+        scores = top_k_filter(scores, params.top_k)
+    if params.top_p < 1.0:
+        scores = top_p_filter(scores, params.top_p)
+    probs = scores.softmax(dim=-1)
+    # argmax(p / E) with E ~ Exp(1) draws from p exactly, without multinomial's host sync
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def _record(state: DecodeState, chosen: torch.Tensor) -> None:
     """Write the chosen tokens into the output column `step` (pad for rows already finished)."""
     chosen = torch.where(state.finished, state.pad_token_id, chosen)
+    if state.seen is not None:
+        state.seen.scatter_(1, chosen[:, None], True)
     state.finished |= torch.isin(chosen, state.eos)
     state.out.index_copy_(1, state.step, chosen[:, None])
     state.tokens.copy_(chosen[:, None])
@@ -143,62 +222,382 @@ class DecoderOnlyLM(nn.Module):
         input_ids: torch.Tensor | str | list[str],
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
         cuda_graph: bool | None = None,
-    ) -> torch.Tensor | str | list[str]:
-        """Greedy continuation of a left-padded batch: returns [B, T + new] token ids.
+    ) -> torch.Tensor | str | list[str] | TextStream:
+        """Continue a left-padded batch of token ids [B, T]: returns [B, T + new] token ids.
 
-        Each row stops at any of the EOS ids (default: generation_config.json, else config.json);
-        rows that finished early are padded with pad_token_id (default: the first EOS id), and
-        generation ends when every row has finished or after max_new_tokens. On CUDA the decode
-        step is replayed from a CUDA graph unless cuda_graph=False. A str (or list of str) prompt
-        is encoded with the checkpoint's tokenizer and the new text is returned (str or list).
+        Greedy unless do_sample=True (then temperature, top_k, top_p as in HF; seed makes a run
+        reproducible on the same device); repetition_penalty as HF's. Each row stops at any of the
+        EOS ids (default: generation_config.json, else config.json); rows that finished early are
+        padded with pad_token_id (default: the first EOS id), and generation ends when every row
+        has finished or after max_new_tokens. On CUDA the decode step is replayed from a CUDA
+        graph unless cuda_graph=False.
+
+        A str (or list of str) prompt is encoded with the checkpoint's tokenizer (its special
+        tokens added, e.g. Llama 3's BOS) and the new text is returned (str or list), cut before
+        the row's EOS, special tokens left out. stop: strings that end a row; the text ends just
+        before the first one (with token ids, the row keeps the tokens up to the one completing
+        the stop string, then pads, as HF's stop_strings). stream=True (one str prompt) returns a
+        TextStream: iterate it for the text pieces as they are produced (never half a UTF-8
+        character); joined, they equal the text stream=False returns.
         """
+        options = dict(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            cuda_graph=cuda_graph,
+        )
+        stops = stop_strings(stop)
         if isinstance(input_ids, str | list):
+            if attention_mask is not None:
+                raise ValueError(
+                    "attention_mask: only with token ids (text prompts are padded here)"
+                )
+            encoded = self._encode_prompts(input_ids)
             return self._generate_text(
-                input_ids,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                cuda_graph=cuda_graph,
+                encoded, isinstance(input_ids, str), max_new_tokens, stops, stream, options
             )
+        if stream:
+            raise ValueError("stream=True streams text: pass a str prompt, not token ids")
+        run = self._decode_states(input_ids, attention_mask, max_new_tokens, **options)
+        if run is None:  # max_new_tokens == 0
+            return input_ids.clone()
+        rows = (
+            TextRows(self._require_tokenizer("stop strings"), len(input_ids), run.eos, stops)
+            if stops
+            else None
+        )
+        for state in run.states:
+            if rows is not None:
+                rows.update(state)
+        generated = generated_tokens(state)
+        if rows is not None:
+            generated = rows.trim_ids(generated, run.pad_token_id)
+        return torch.cat([input_ids, generated.to(input_ids.dtype)], dim=1)
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        messages: list[dict] | str,
+        max_new_tokens: int | None = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        cuda_graph: bool | None = None,
+        template_kwargs: dict | None = None,
+    ) -> str | TextStream:
+        """The assistant's reply to a conversation ([{"role": "user", "content": ...}, ...], or a
+        str for one user message), as text (or a TextStream with stream=True).
+
+        The conversation is rendered with the checkpoint's chat template as transformers'
+        apply_chat_template(..., add_generation_prompt=True) renders it (template_kwargs: extra
+        template variables, e.g. tools, enable_thinking) and encoded without the tokenizer's own
+        special tokens, so the template's BOS is the only one. EOS ids default to every id of
+        generation_config.json (Llama 3 instruct ends turns with <|eot_id|>, not
+        <|end_of_text|>) plus the tokenizer's eos_token. max_new_tokens defaults to what the
+        context leaves after the prompt, at most CHAT_MAX_NEW_TOKENS. Other keywords as in
+        generate.
+        """
+        tokenizer = self._require_tokenizer()
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise ValueError("chat needs a zoo.tokenizer.Tokenizer (with the chat template)")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **(template_kwargs or {})
+        )
+        if max_new_tokens is None:
+            max_new_tokens = max(1, min(CHAT_MAX_NEW_TOKENS, self.max_length - len(ids)))
+        if eos_token_id is None:
+            eos = list(stop_ids(self, None, 0)[0])
+            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+                eos.append(tokenizer.eos_token_id)
+            eos_token_id = eos
+        options = dict(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            cuda_graph=cuda_graph,
+        )
+        return self._generate_text([ids], True, max_new_tokens, stop_strings(stop), stream, options)
+
+    def _require_tokenizer(self, what: str = "text prompts"):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} need a tokenizer (tokenizer.json beside the checkpoint)")
+        return self.tokenizer
+
+    def _encode_prompts(self, prompts: str | list[str]) -> list[list[int]]:
+        tokenizer = self._require_tokenizer()
+        texts = [prompts] if isinstance(prompts, str) else prompts
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("prompt: expected a str or a non-empty list of str")
+        encoded = [tokenizer.encode(t).ids for t in texts]
+        if not all(encoded):
+            raise ValueError("prompt: a prompt encodes to no tokens")
+        return encoded
+
+    def _generate_text(
+        self,
+        encoded: list[list[int]],
+        single: bool,
+        max_new_tokens: int,
+        stops: tuple[str, ...],
+        stream: bool,
+        options: dict,
+    ) -> str | list[str] | TextStream:
+        """Text (or a TextStream) of the continuations of a batch of prompts' token ids."""
+        tokenizer = self._require_tokenizer()
+        longest = max(len(e) for e in encoded)
+        ids = torch.zeros(len(encoded), longest, dtype=torch.int64)
+        mask = torch.zeros(len(encoded), longest, dtype=torch.int64)
+        for row, tokens in enumerate(encoded):  # left padding
+            ids[row, longest - len(tokens) :] = torch.tensor(tokens)
+            mask[row, longest - len(tokens) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if stream:
+            if not single:
+                raise ValueError("stream=True takes one prompt (a str), not a list")
+            # a decode step per check: every new token is looked at as soon as it exists
+            run = self._decode_states(ids, mask, max_new_tokens, check_every=1, **options)
+            return TextStream(self, tokenizer, run, stops)
+        run = self._decode_states(ids, mask, max_new_tokens, **options)
+        rows = TextRows(tokenizer, len(encoded), run.eos if run else (), stops)
+        if run is not None:
+            for state in run.states:
+                rows.update(state)
+        return rows.text[0] if single else rows.text
+
+    def _decode_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        check_every: int = STOP_CHECK_INTERVAL,
+        *,
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        repetition_penalty: float,
+        seed: int | None,
+        eos_token_id: int | list[int] | None,
+        pad_token_id: int | None,
+        cuda_graph: bool | None,
+    ) -> DecodeRun | None:
+        """Check the arguments now; the returned run's `states` prefills on its first step, then
+        yields the decode state every check_every steps and at the end (see decode_steps). None
+        when max_new_tokens == 0."""
+        sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         positions, kv_start = left_padding(attention_mask, input_ids)
         batch, seq = input_ids.shape
         self._check_length(seq + max_new_tokens)
+        open_stream = self.__dict__.pop("_open_stream", lambda: None)()
+        if open_stream is not None:  # it shares the decode buffers: end it
+            open_stream.close()
         if max_new_tokens == 0:
-            return input_ids.clone()
+            return None
         eos, pad_token_id = stop_ids(self, eos_token_id, pad_token_id)
-        runner = decode_runner(
-            self, batch, seq + max_new_tokens, max_new_tokens, cuda_graph, eos, pad_token_id
-        )
-        runner.cache.reset(kv_start)
-        first_logits = self.forward_cached(input_ids, positions, runner.cache, last_only=True)
-        generated = decode(runner, first_logits[:, -1], positions[:, -1:] + 1, max_new_tokens)
-        return torch.cat([input_ids, generated.to(input_ids.dtype)], dim=1)
 
-    def _generate_text(self, prompts: str | list[str], **kwargs) -> str | list[str]:
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer (tokenizer.json beside the checkpoint)")
-        texts = [prompts] if isinstance(prompts, str) else prompts
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("prompt: expected a str or a non-empty list of str")
-        encoded = [self.tokenizer.encode(t).ids for t in texts]
-        if not all(encoded):
-            raise ValueError("prompt: a prompt encodes to no tokens")
-        longest = max(len(e) for e in encoded)
-        ids = torch.zeros(len(texts), longest, dtype=torch.int64)
-        mask = torch.zeros(len(texts), longest, dtype=torch.int64)
-        for row, tokens in enumerate(encoded):  # left padding
-            ids[row, longest - len(tokens) :] = torch.tensor(tokens)
-            mask[row, longest - len(tokens) :] = 1
-        out = self.generate(ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-        new = out[:, longest:].tolist()
-        decoded = self.tokenizer.decode_batch(new, skip_special_tokens=True)
-        return decoded[0] if isinstance(prompts, str) else decoded
+        def states() -> Iterator[DecodeState]:
+            runner = decode_runner(
+                self,
+                batch,
+                seq + max_new_tokens,
+                max_new_tokens,
+                cuda_graph,
+                eos,
+                pad_token_id,
+                sampling=sampling,
+            )
+            runner.cache.reset(kv_start)
+            first_logits = self.forward_cached(input_ids, positions, runner.cache, last_only=True)
+            yield from decode_steps(
+                runner,
+                first_logits[:, -1],
+                positions[:, -1:] + 1,
+                max_new_tokens,
+                input_ids,
+                seed,
+                check_every=check_every,
+            )
+
+        return DecodeRun(states(), eos, pad_token_id)
+
+
+@dataclass
+class DecodeRun:
+    states: Iterator[DecodeState]
+    eos: tuple[int, ...]
+    pad_token_id: int
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """The `stop` argument as a tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop: expected a non-empty str or a list of them, got {stop!r}")
+    return stops
+
+
+class TextRows:
+    """The text of each row's new tokens while generation runs: cut before the row's first EOS
+    and before the first stop string. `update(state)` (each time the decode loop yields, or as
+    decode's on_check) decodes every unfinished row again and marks rows finished in the decode
+    state when a stop string shows.
+
+    Each row is decoded whole each time (not token by token): byte-level tokens of one
+    character and decoders that look at neighbours (Metaspace, cleanup) then give exactly the
+    text a single decode of the final ids gives."""
+
+    def __init__(self, tokenizer, batch: int, eos: tuple[int, ...], stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.eos = set(eos)
+        self.stops = stops
+        self.text = [""] * batch
+        self.done = [False] * batch  # the row's text is final (EOS or stop string)
+        self.stopped = [False] * batch  # ended by a stop string
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]  # new ids before any EOS
+        self.emitted = 0  # streaming (row 0): characters already handed out
+
+    def update(self, state: DecodeState) -> None:
+        step = int(state.step.item())
+        rows = state.out[:, :step].tolist()
+        for row, ids in enumerate(rows):
+            if self.done[row]:
+                continue
+            eos_at = next((i for i, t in enumerate(ids) if t in self.eos), None)
+            if eos_at is not None:
+                ids = ids[:eos_at]
+                self.done[row] = True
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut = self.find_stop(text)
+            if cut is not None:
+                text = text[:cut]
+                self.done[row] = self.stopped[row] = True
+                state.finished[row] = True
+            self.text[row], self.tokens[row] = text, ids
+
+    def find_stop(self, text: str) -> int | None:
+        """Where the first stop string in text begins (None: nowhere)."""
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def take_piece(self, final: bool = False) -> str:
+        """Streaming, row 0: the text not handed out yet, short of what may still change (a
+        trailing U+FFFD that the next token may complete; a tail that may begin a stop string)."""
+        text = self.text[0]
+        end = len(text)
+        if not (final or self.done[0]):
+            end = len(text.rstrip("\ufffd"))
+            held = 0
+            for stop in self.stops:
+                for k in range(min(len(stop) - 1, end), held, -1):
+                    if text.endswith(stop[:k], 0, end):
+                        held = k
+                        break
+            end -= held
+        piece = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def trim_ids(self, generated: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """Token ids [B, n] after stop strings: a stopped row keeps its ids up to the one that
+        completes the stop string, then pads; columns after every row's end are dropped."""
+        generated = generated.clone()
+        ends = []
+        for row, ids in enumerate(generated.tolist()):
+            if self.stopped[row]:
+                low, high = 1, len(self.tokens[row])  # the shortest prefix holding a stop string
+                while low < high:
+                    mid = (low + high) // 2
+                    text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
+                    low, high = (low, mid) if self.find_stop(text) is not None else (mid + 1, high)
+                generated[row, low:] = pad_token_id
+                ends.append(low)
+            else:
+                eos_at = next((i for i, t in enumerate(ids) if t in self.eos), None)
+                ends.append(len(ids) if eos_at is None else eos_at + 1)
+        return generated[:, : max(ends)]
+
+
+class TextStream:
+    """Text pieces of one prompt's continuation, as the tokens are produced (`for piece in
+    stream`). A piece never ends inside a UTF-8 character or inside what may become a stop
+    string, so the pieces join to exactly the text generate(..., stream=False) returns.
+    `tokens` holds the new token ids so far (EOS excluded); close() ends generation early."""
+
+    def __init__(self, model: DecoderOnlyLM, tokenizer, run: DecodeRun | None, stops) -> None:
+        self.tokens: list[int] = []
+        self._rows = TextRows(tokenizer, 1, run.eos if run else (), stops)
+        self._model = model
+        self._pieces = self._produce(run)
+        if run is not None:  # one generation at a time: streams share the model's decode buffers
+            model.__dict__["_open_stream"] = weakref.ref(self)
+
+    def _produce(self, run: DecodeRun | None) -> Iterator[str]:
+        try:
+            if run is not None:
+                for state in run.states:
+                    self._rows.update(state)
+                    self.tokens = self._rows.tokens[0]
+                    if piece := self._rows.take_piece():
+                        yield piece
+            if piece := self._rows.take_piece(final=True):
+                yield piece
+        finally:
+            if self._model.__dict__.get("_open_stream", lambda: None)() is self:
+                del self._model.__dict__["_open_stream"]
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        # each step runs in inference mode; the caller's code between pieces does not
+        with torch.inference_mode():
+            return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (the rest of the text is not produced)."""
+        self._pieces.close()
+
+    @property
+    def text(self) -> str:
+        """The text so far (all of it once the stream is exhausted)."""
+        return self._rows.text[0]
 
 
 def stop_ids(model, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
@@ -215,21 +614,49 @@ def stop_ids(model, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
 
 
 def decode_runner(
-    model, batch: int, length: int, max_new_tokens: int, cuda_graph: bool | None, eos, pad_token_id
+    model,
+    batch: int,
+    length: int,
+    max_new_tokens: int,
+    cuda_graph: bool | None,
+    eos,
+    pad_token_id,
+    cache_kwargs: dict | None = None,
+    sampling: SamplingParams = SamplingParams(),
 ) -> DecodeRunner:
     """A runner (cache + captured step) for this batch size and cache-length bucket, kept on the
     model and reused across calls; the EOS and pad ids are baked into the captured step, so they
-    are part of the key. cuda_graph=None means: on CUDA devices."""
+    are part of the key. cuda_graph=None means: on CUDA devices. cache_kwargs: extra keyword
+    arguments of model.new_cache (e.g. T5's encoder length bucket), also part of the key."""
     if cuda_graph is None:
         cuda_graph = model.device.type == "cuda"
     bucket = -(-length // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
     bucket = min(bucket, max(model.max_length, length))
-    key = (batch, bucket, cuda_graph, eos, pad_token_id)
+    cache_kwargs = cache_kwargs or {}
+    key = (
+        batch,
+        bucket,
+        cuda_graph,
+        eos,
+        pad_token_id,
+        tuple(sorted(cache_kwargs.items())),
+        sampling,
+    )
     runners = model.__dict__.setdefault("_decode_runners", {})
     runner = runners.get(key)
     if runner is None or runner.state.out.shape[1] < max_new_tokens:
         runners.clear()  # one cached runner at a time: caches can be large
-        runner = DecodeRunner(model, batch, bucket, max_new_tokens, cuda_graph, eos, pad_token_id)
+        runner = DecodeRunner(
+            model,
+            batch,
+            bucket,
+            max_new_tokens,
+            cuda_graph,
+            eos,
+            pad_token_id,
+            cache_kwargs=cache_kwargs,
+            sampling=sampling,
+        )
         runners[key] = runner
     return runner
 
@@ -239,22 +666,67 @@ def decode(
     first_logits: torch.Tensor,
     next_positions: torch.Tensor,
     max_new_tokens: int,
+    prompt_ids: torch.Tensor | None = None,
+    seed: int | None = None,
+    on_check: Callable[[DecodeState], None] | None = None,
+    check_every: int = STOP_CHECK_INTERVAL,
 ) -> torch.Tensor:
-    """Greedy tokens [B, n <= max_new_tokens] after a prefill whose last logits are first_logits
-    [B, V]; the runner's cache holds the prompt. next_positions [B, 1]: the first decode position.
+    """New tokens [B, n <= max_new_tokens] after a prefill whose last logits are first_logits
+    [B, V]; the runner's cache holds the prompt. next_positions [B, 1]: the first decode position;
+    prompt_ids [B, T]: the tokens the repetition penalty counts as seen (pads included, as in HF).
+    Every check_every steps the host looks at the state: on_check(state) may read the tokens so
+    far (state.out[:, :state.step]) and mark rows finished (stop strings, streaming); the loop ends
+    once every row has finished. on_check is called once more at the end.
     """
+    steps = decode_steps(
+        runner, first_logits, next_positions, max_new_tokens, prompt_ids, seed, check_every
+    )
+    for state in steps:
+        if on_check is not None:
+            on_check(state)
+    return generated_tokens(state)
+
+
+def decode_steps(
+    runner: DecodeRunner,
+    first_logits: torch.Tensor,
+    next_positions: torch.Tensor,
+    max_new_tokens: int,
+    prompt_ids: torch.Tensor | None = None,
+    seed: int | None = None,
+    check_every: int = STOP_CHECK_INTERVAL,
+) -> Iterator[DecodeState]:
+    """decode() as a generator: yields the state every check_every steps (the caller may mark
+    rows finished before the loop looks at them) and once more at the end. Streaming reads the
+    new tokens between steps this way, without threads."""
+    if not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every: expected an int >= 1, got {check_every!r}")
     state = runner.state
     state.finished.zero_()
     state.step.zero_()
     state.out.fill_(state.pad_token_id)
+    if state.seen is not None:
+        state.seen.zero_()
+        if prompt_ids is not None:
+            state.seen.scatter_(1, prompt_ids, True)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
+    runner.generator.manual_seed(seed)
     _record(state, runner.select(first_logits))
     state.positions.copy_(next_positions)
     for step in range(1, max_new_tokens):
-        if step % STOP_CHECK_INTERVAL == 0 and bool(state.finished.all()):
-            break
+        if step % check_every == 0:
+            yield state
+            if bool(state.finished.all()):
+                break
         runner.step()
+    yield state
+
+
+def generated_tokens(state: DecodeState) -> torch.Tensor:
+    """The tokens [B, n] a finished decode wrote, without the columns after the step at which
+    every row had emitted an EOS."""
     generated = state.out[:, : int(state.step.item())]
-    # trim the columns after the step at which every row had finished
     all_done_at = _first_all_finished(generated, state.eos)
     if all_done_at is not None:
         generated = generated[:, :all_done_at]
@@ -284,12 +756,15 @@ class DecodeRunner:
         cuda_graph: bool,
         eos: tuple[int, ...],
         pad_token_id: int,
-        select: Callable[[torch.Tensor], torch.Tensor] = greedy,
+        cache_kwargs: dict | None = None,
+        sampling: SamplingParams = SamplingParams(),
     ) -> None:
         device = model.device
         self.model = model
-        self.select = select
-        self.cache = model.new_cache(batch, cache_length)
+        self.sampling = sampling
+        # a private generator: `seed` reproduces a run without touching torch's global RNG
+        self.generator = torch.Generator(device=device)
+        self.cache = model.new_cache(batch, cache_length, **(cache_kwargs or {}))
         self.state = DecodeState(
             tokens=torch.zeros(batch, 1, dtype=torch.int64, device=device),
             positions=torch.zeros(batch, 1, dtype=torch.int64, device=device),
@@ -298,9 +773,17 @@ class DecodeRunner:
             step=torch.zeros(1, dtype=torch.int64, device=device),
             eos=torch.tensor(eos, dtype=torch.int64, device=device),
             pad_token_id=pad_token_id,
+            seen=(
+                torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+                if sampling.repetition_penalty != 1.0
+                else None
+            ),
         )
         self.use_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        return choose_tokens(logits, self.sampling, self.state.seen, self.generator)
 
     def _eager_step(self) -> None:
         s = self.state
@@ -326,6 +809,7 @@ class DecodeRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)  # replays draw fresh random numbers
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
             self._eager_step()
         torch.cuda.current_stream().wait_stream(stream)

@@ -1,0 +1,77 @@
+"""Chat with an instruct model in the terminal, the reply streamed as it is produced.
+
+    python examples/chat.py                                   # llama3.2-1b-instruct
+    python examples/chat.py --model granite-3.3-2b-instruct --system "You are terse."
+    python examples/chat.py --model /path/to/hf/checkpoint --do-sample --temperature 0.7 --top-p 0.9
+
+The conversation is rendered with the checkpoint's own chat template (as transformers'
+apply_chat_template renders it) and each reply ends at the model's end-of-turn token. Commands:
+/reset starts over, /quit (or Ctrl-D) leaves.
+"""
+
+import argparse
+
+import zoo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Interactive streaming chat with a zoo model")
+    parser.add_argument("--model", default="llama3.2-1b-instruct", help="registry name or folder")
+    parser.add_argument("--system", help="a system message")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+
+    model = zoo.load(args.model, device=args.device)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        parser.error(f"{args.model}: no tokenizer with a chat template beside the checkpoint")
+    sampling = dict(
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print("/reset starts over, /quit leaves")
+    while True:
+        try:
+            user = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if user == "/quit":
+            break
+        if user == "/reset":
+            messages = list(start)
+            continue
+        if not user:
+            continue
+        messages.append({"role": "user", "content": user})
+        room = model.max_length - len(model.tokenizer.apply_chat_template(messages, tokenize=True))
+        if room < 1:
+            print("[the conversation fills the model's context: /reset]")
+            messages.pop()
+            continue
+        print("bot> ", end="", flush=True)
+        reply = ""
+        try:
+            for piece in model.chat(
+                messages, max_new_tokens=min(args.max_new_tokens, room), stream=True, **sampling
+            ):
+                print(piece, end="", flush=True)
+                reply += piece
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
+            print(" [interrupted]", end="")
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main()
