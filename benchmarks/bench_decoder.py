@@ -1,30 +1,38 @@
 """Decoder-only benchmark on the GPU: ours (eager and CUDA graph) vs HF transformers.
 
-Random weights at the real architecture (`zoo.load(name, pretrained=False)`), bf16. Prints a table
-and writes JSON: decode tokens/s, the fraction of the memory-bandwidth limit it reaches (bytes read
-per step / measured copy bandwidth), and prefill time. HF peers (eager; static cache +
-torch.compile) take minutes to compile: `--peers` measures them, and they are stored in
-benchmarks/results/ to reuse.
+Random weights at the real architecture (`zoo.load(name, pretrained=False)`), bf16, greedy.
+Every provider is timed the same way: generate(prompt, new) and generate(prompt, 1) (the prefill
+plus one token), each the median of a few runs after a warm-up; decode time per step is their
+difference over new - 1. The bandwidth fraction counts the bytes one decode step must read
+(weights + the KV cache at the mean context) over the copy bandwidth measured in the same run.
+Prefill is a full forward of 1 x 2048 tokens.
 
-    PYTHONPATH=. python benchmarks/bench_decoder.py --model llama3-8b [--peers] [--out results.json]
+HF peers (eager with its dynamic cache; static cache + torch.compile, which HF's generate compiles
+by itself) take minutes to compile: `--peers` measures them and stores them under
+benchmarks/results/, and later runs on the same GPU kind and versions reuse them.
+
+    PYTHONPATH=. python benchmarks/bench_decoder.py --model llama3-8b [--peers] [--out out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import sys
+import re
 import time
+from pathlib import Path
 
 import torch
+import triton.testing
 
 import zoo
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def measure_copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB, in bytes/s counting bytes read plus written."""
-    import triton.testing
-
     src = torch.empty(2**30, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
@@ -32,118 +40,190 @@ def measure_copy_bandwidth() -> float:
 
 
 def measure_matmul_flops() -> float:
-    import triton.testing
-
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
     return 2 * 8192**3 / (ms * 1e-3)
 
 
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def kv_bytes_per_step(config, batch: int, context: int, dtype_bytes: int = 2) -> int:
-    """K and V read by one decode step at this context length."""
-    return (
-        2
-        * config.num_layers
-        * batch
-        * config.num_kv_heads
-        * context
-        * config.head_dim
-        * dtype_bytes
-    )
-
-
-def time_generate(model, ids, new_tokens: int, cuda_graph: bool, repeats: int = 3) -> float:
-    """Median seconds of model.generate(..., max_new_tokens=new_tokens) (after a warm-up call)."""
-    model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], cuda_graph=cuda_graph)
+def median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: compilation, autotuning, graph capture
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], cuda_graph=cuda_graph)
+        fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def time_prefill(model, ids) -> float:
-    import triton.testing
+def decode_timing(generate, ids, new_tokens: int) -> tuple[float, float]:
+    """(seconds per decode step, seconds of prefill + first token)."""
+    first = median_seconds(lambda: generate(ids, 1))
+    total = median_seconds(lambda: generate(ids, new_tokens))
+    return (total - first) / (new_tokens - 1), first
 
-    return 1e-3 * triton.testing.do_bench(
-        lambda: model(ids), warmup=3, rep=20, return_mode="median"
-    )
+
+def step_bytes(model, batch: int, context: float) -> float:
+    """Weights plus the K and V one decode step reads at this context length (bf16)."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    layers = getattr(c, "num_layers", getattr(c, "n_layer", None))
+    kv_heads = getattr(c, "num_kv_heads", getattr(c, "n_head", None))
+    return weights + 2 * layers * batch * kv_heads * context * c.head_dim * 2
 
 
-def bench_ours(name: str, batch: int, prompt: int, new_tokens: int, bandwidth: float) -> dict:
-    model = zoo.load(name, pretrained=False, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    prefill_s = time_prefill(model, ids[:, :prompt])
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=4, eos_token_id=[], cuda_graph=True)
-    torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - start
-    result = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens}
-    result["prefill_ms"] = prefill_s * 1e3
-    result["warmup_and_capture_s"] = warmup_s
-    for mode, graph in (("eager", False), ("graph", True)):
-        total = time_generate(model, ids, new_tokens, graph)
-        decode_s = max(total - prefill_s, 1e-9) / max(new_tokens - 1, 1)
-        mean_context = prompt + new_tokens / 2
-        step_bytes = weight_bytes(model) + kv_bytes_per_step(model.config, batch, mean_context)
-        result[f"{mode}_tokens_per_s"] = batch / decode_s
-        result[f"{mode}_ms_per_step"] = decode_s * 1e3
-        result[f"{mode}_bandwidth_fraction"] = step_bytes / decode_s / bandwidth
-    del model
-    torch.cuda.empty_cache()
+def ours_generate(model, cuda_graph: bool):
+    def generate(ids, new):
+        return model.generate(ids, max_new_tokens=new, eos_token_id=[], cuda_graph=cuda_graph)
+
+    return generate
+
+
+def hf_generate(model, compiled: bool):
+    def generate(ids, new):
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        if compiled:
+            kwargs["cache_implementation"] = "static"  # generate then compiles the forward itself
+        else:
+            kwargs["disable_compile"] = True
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    return generate
+
+
+def load_hf(model_name: str):
+    import transformers
+
+    entry = zoo.registry.get_entry(model_name)
+    config = transformers.AutoConfig.for_model(**entry.config)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def bench_peers(model_name: str, shapes, prefill_tokens: int) -> dict:
+    import transformers
+
+    model = load_hf(model_name)
+    vocab = model.config.vocab_size
+    result = {"transformers": transformers.__version__, "rows": {}}
+    with torch.inference_mode():
+        ids = torch.randint(0, vocab, (1, prefill_tokens), device="cuda")
+        result["prefill_ms_eager"] = 1e3 * median_seconds(lambda: model(ids), repeats=5)
+        for batch, prompt, new in shapes:
+            ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+            row = {}
+            for provider, compiled in (("hf_eager", False), ("hf_compile", True)):
+                start = time.perf_counter()
+                step_s, _ = decode_timing(hf_generate(model, compiled), ids, new)
+                row[f"{provider}_ms_per_step"] = 1e3 * step_s
+                row[f"{provider}_bench_s"] = time.perf_counter() - start
+                print(
+                    f"  {provider} {batch}x{prompt}x{new}: {1e3 * step_s:.2f} ms/step", flush=True
+                )
+            result["rows"][f"{batch}x{prompt}x{new}"] = row
     return result
+
+
+def fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "n/a"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--shapes", default="1x128x128,2x512x256", help="batch x prompt x new, ...")
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--peers", action="store_true", help="measure HF peers (minutes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
-    bandwidth = measure_copy_bandwidth()
-    flops = measure_matmul_flops()
     device = torch.cuda.get_device_name()
+    bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()
     print(f"{device}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    gpu_tag = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    peers_path = RESULTS / f"{gpu_tag}_{args.model}_hf_peers.json"
+    peers = None
+    if args.peers:
+        peers = bench_peers(args.model, shapes, args.prefill)
+        gc.collect()  # the HF model is gone with bench_peers' frame
+        torch.cuda.empty_cache()
+        peers.update(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+        RESULTS.mkdir(exist_ok=True)
+        peers_path.write_text(json.dumps(peers, indent=2))
+    elif peers_path.is_file():
+        peers = json.loads(peers_path.read_text())
+
+    model = zoo.load(args.model, pretrained=False, device="cuda", dtype=torch.bfloat16)
+    vocab = model.config.vocab_size
     rows = []
-    for shape in args.shapes.split(","):
-        batch, prompt, new = (int(v) for v in shape.split("x"))
-        row = bench_ours(args.model, batch, prompt, new, bandwidth)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        ids = torch.randint(0, vocab, (1, 16), device="cuda")
+        model.generate(ids, max_new_tokens=4, eos_token_id=[], cuda_graph=True)
+        torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - start
+        ids = torch.randint(0, vocab, (1, args.prefill), device="cuda")
+        prefill_ms = 1e3 * median_seconds(lambda: model(ids), repeats=5)
+        for batch, prompt, new in shapes:
+            ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+            row = {"shape": f"{batch}x{prompt}x{new}"}
+            for provider, graph in (("ours_eager", False), ("ours_graph", True)):
+                step_s, _ = decode_timing(ours_generate(model, graph), ids, new)
+                row[f"{provider}_ms_per_step"] = 1e3 * step_s
+            step_s = row["ours_graph_ms_per_step"] * 1e-3
+            row["tokens_per_s"] = batch / step_s
+            row["bandwidth_fraction"] = (
+                step_bytes(model, batch, prompt + new / 2) / step_s / bandwidth
+            )
+            if peers and row["shape"] in peers["rows"]:
+                row.update(peers["rows"][row["shape"]])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\n{args.model} on {device}, bf16, ms per decode step (lower is better)")
     print(
-        "\n| model | batch x prompt x new | prefill ms | eager tok/s | graph tok/s | graph ms/step | % of bandwidth limit |"
+        "| batch x prompt x new | ours (graph) | ours (eager) | HF eager | HF static+compile "
+        "| speedup vs compile | tok/s | % of bandwidth limit |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        hf_e = r.get("hf_eager_ms_per_step")
+        hf_c = r.get("hf_compile_ms_per_step")
+        speedup = f"{hf_c / r['ours_graph_ms_per_step']:.2f}x" if hf_c else "n/a"
         print(
-            f"| {r['model']} | {r['batch']}x{r['prompt']}x{r['new_tokens']} | {r['prefill_ms']:.1f} "
-            f"| {r['eager_tokens_per_s']:.1f} | {r['graph_tokens_per_s']:.1f} "
-            f"| {r['graph_ms_per_step']:.2f} | {100 * r['graph_bandwidth_fraction']:.0f}% |"
+            f"| {r['shape']} | {fmt(r['ours_graph_ms_per_step'])} | {fmt(r['ours_eager_ms_per_step'])} "
+            f"| {fmt(hf_e)} | {fmt(hf_c)} | {speedup} | {r['tokens_per_s']:.0f} "
+            f"| {100 * r['bandwidth_fraction']:.0f}% |"
         )
+    hf_prefill = peers.get("prefill_ms_eager") if peers else None
+    print(
+        f"\nprefill 1x{args.prefill}: ours {prefill_ms:.1f} ms, HF eager "
+        f"{fmt(hf_prefill)} ms; first generate (compile + autotune + capture) {warmup_s:.1f} s"
+    )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
+        Path(args.out).write_text(
+            json.dumps(
                 {
+                    "model": args.model,
                     "device": device,
                     "date": time.strftime("%Y-%m-%d"),
                     "torch": torch.__version__,
+                    "triton": triton.__version__,
                     "copy_bandwidth_Bps": bandwidth,
                     "bf16_matmul_flops": flops,
+                    "prefill_tokens": args.prefill,
+                    "ours_prefill_ms": prefill_ms,
+                    "hf_eager_prefill_ms": hf_prefill,
+                    "warmup_s": warmup_s,
                     "rows": rows,
-                    "argv": sys.argv[1:],
                 },
-                f,
                 indent=2,
             )
+        )
 
 
 if __name__ == "__main__":

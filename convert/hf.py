@@ -111,6 +111,19 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
                 yield key, file, tensor
 
 
+def tensor_names(files: list[Path]) -> set[str]:
+    """The names of the tensors in the checkpoint files (headers only: no tensor is read)."""
+    names: set[str] = set()
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+        with handle as f:
+            names.update(f.keys())
+    return names
+
+
 @dataclass(frozen=True)
 class Target:
     """Where one checkpoint tensor goes: rows [row_start, row_end) of a zoo parameter (all rows
@@ -135,19 +148,24 @@ def load_state(
     key_map: KeyMap,
     normalize_key: Callable[[str], str] = lambda key: key,
     optional: frozenset[str] = frozenset(),
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Fill model's parameters from the checkpoint files through key_map.
 
     normalize_key maps a checkpoint key to the key_map's spelling (e.g. drops a 'transformer.'
     prefix). Keys in `optional` may be absent (their targets are filled by the model itself, e.g.
     a tied head). Every other mapped key must be present exactly once; every checkpoint key must be
-    mapped or dropped; shapes must match exactly.
+    mapped or dropped; shapes must match exactly. progress(done, total), when given, is called as
+    each checkpoint tensor is read (counts of tensors, from the files' headers).
     """
     params = dict(model.named_parameters())
     _check_coverage(params, key_map)
+    total = len(tensor_names(files)) if progress is not None else 0
     seen: dict[str, Path] = {}
     unexpected: list[str] = []
-    for raw_key, file, tensor in iter_tensors(files):
+    for done, (raw_key, file, tensor) in enumerate(iter_tensors(files), start=1):
+        if progress is not None:
+            progress(done, total)
         key = normalize_key(raw_key)
         if key not in key_map:
             unexpected.append(f"{raw_key} ({file.name})")

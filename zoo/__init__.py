@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from zoo.registry import get_entry, list_models
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 __all__ = ["list_models", "load"]
@@ -26,15 +28,18 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     pretrained: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Build a zoo model from a registry name or a local Hugging Face checkpoint folder.
 
     A registry name (see `list_models()`) downloads the checkpoint's config, safetensors and
     tokenizer files into the HF cache on first use (HF_HUB_OFFLINE=1 uses the cache only); a folder
     path (config.json + *.safetensors) loads directly. The architecture comes from the checkpoint's
-    own config.json. `pretrained=False` builds the real architecture with random weights (from the
+    own config.json (and what its tensors hold: Bert's pooler is built only when the checkpoint has
+    one). `pretrained=False` builds the real architecture with random weights (from the
     registry's config, nothing downloaded). device defaults to cuda when present, else cpu;
     dtype to bfloat16 on cuda and float32 on cpu. device="meta" builds the shapes only.
+    progress(done, total) is called as each checkpoint tensor is loaded (e.g. a progress bar).
     """
     import torch
 
@@ -51,6 +56,9 @@ def load(
     source = str(folder or name_or_path)
     family = family_for(hf_config, source)
     config = family.config_from_hf(hf_config)
+    if pretrained and family.config_from_checkpoint is not None:
+        names = hf.tensor_names(hf.safetensors_files(folder))
+        config = family.config_from_checkpoint(config, names)
     with torch.device("meta"):
         model = family.model_class(config)
     model = model.to(dtype)
@@ -58,7 +66,9 @@ def load(
         model = model.to_empty(device=device)
         if pretrained:
             files = hf.safetensors_files(folder)
-            hf.load_state(model, files, family.key_map(config))
+            hf.load_state(
+                model, files, family.key_map(config), family.normalize_key, progress=progress
+            )
         else:
             model.init_random()
     model.init_buffers()
@@ -89,9 +99,8 @@ def _resolve(name_or_path, pretrained, hf):
 
 
 def _load_tokenizer(folder: Path):
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
+    """The checkpoint's zoo.tokenizer.Tokenizer (tokenizer.json with its special tokens and chat
+    template), or None without tokenizer.json."""
+    from zoo.tokenizer import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    return Tokenizer.from_folder(folder)
