@@ -19,43 +19,25 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
+import sys
 import time
 from pathlib import Path
 
 import torch
-import triton.testing
+import triton
 
-import zoo
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    RESULTS,
+    fmt,
+    gpu_tag,
+    load_peers,
+    measure_copy_bandwidth,
+    measure_matmul_flops,
+    median_seconds,
+)
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def measure_copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB, in bytes/s counting bytes read plus written."""
-    src = torch.empty(2**30, dtype=torch.int16, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
-def measure_matmul_flops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
-    return 2 * 8192**3 / (ms * 1e-3)
-
-
-def median_seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: compilation, autotuning, graph capture
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+import zoo  # noqa: E402
 
 
 def decode_timing(generate, ids, new_tokens: int) -> tuple[float, float]:
@@ -127,10 +109,6 @@ def bench_peers(model_name: str, shapes, prefill_tokens: int) -> dict:
     return result
 
 
-def fmt(value: float | None) -> str:
-    return f"{value:.2f}" if value is not None else "n/a"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama3-8b")
@@ -144,18 +122,16 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()
     print(f"{device}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    gpu_tag = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    peers_path = RESULTS / f"{gpu_tag}_{args.model}_hf_peers.json"
-    peers = None
-    if args.peers:
-        peers = bench_peers(args.model, shapes, args.prefill)
+
+    def measure_peers():
+        result = bench_peers(args.model, shapes, args.prefill)
         gc.collect()  # the HF model is gone with bench_peers' frame
         torch.cuda.empty_cache()
-        peers.update(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
-        RESULTS.mkdir(exist_ok=True)
-        peers_path.write_text(json.dumps(peers, indent=2))
-    elif peers_path.is_file():
-        peers = json.loads(peers_path.read_text())
+        return result
+
+    peers_path = RESULTS / f"{gpu_tag()}_{args.model}_hf_peers.json"
+    peers = load_peers(peers_path, measure_peers if args.peers else None)
+    peers.setdefault("rows", {})
 
     model = zoo.load(args.model, pretrained=False, device="cuda", dtype=torch.bfloat16)
     vocab = model.config.vocab_size
@@ -179,7 +155,7 @@ def main() -> None:
             row["bandwidth_fraction"] = (
                 step_bytes(model, batch, prompt + new / 2) / step_s / bandwidth
             )
-            if peers and row["shape"] in peers["rows"]:
+            if row["shape"] in peers["rows"]:
                 row.update(peers["rows"][row["shape"]])
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -199,7 +175,7 @@ def main() -> None:
             f"| {fmt(hf_e)} | {fmt(hf_c)} | {speedup} | {r['tokens_per_s']:.0f} "
             f"| {100 * r['bandwidth_fraction']:.0f}% |"
         )
-    hf_prefill = peers.get("prefill_ms_eager") if peers else None
+    hf_prefill = peers.get("prefill_ms_eager")
     print(
         f"\nprefill 1x{args.prefill}: ours {prefill_ms:.1f} ms, HF eager "
         f"{fmt(hf_prefill)} ms; first generate (compile + autotune + capture) {warmup_s:.1f} s"

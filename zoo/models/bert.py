@@ -192,8 +192,15 @@ class Bert(nn.Module):
             )
         kv_end = right_padded_lengths(attention_mask, input_ids)
         token_type_ids = _check_token_types(token_type_ids, input_ids, c.type_vocab_size)
-        position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        return self.encode(input_ids, token_type_ids, kv_end)
 
+    def encode(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, kv_end: torch.Tensor | None
+    ) -> BertOutput:
+        """forward without the input checks (no host sync, so it can be captured in a CUDA
+        graph): token_type_ids [B, T]; kv_end [B] int32 real lengths, or None for full rows."""
+        batch, seq = input_ids.shape
+        position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         h = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, hidden)
         for layer in self.layers:
             h = layer(h, kv_end)

@@ -1,0 +1,65 @@
+"""Measurement helpers shared by the GPU benchmarks: the card's limits and robust timings."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+import triton.testing
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure_copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, in bytes/s counting bytes read plus written."""
+    src = torch.empty(2**30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def measure_matmul_flops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: compilation, autotuning, graph capture
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_tag() -> str:
+    """File-name form of the GPU's name, e.g. 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def load_peers(path: Path, measure) -> dict:
+    """HF peer numbers for this GPU kind: measured by `measure()` and stored when path is missing
+    or --peers is given (measure is None otherwise)."""
+    if measure is not None:
+        result = measure()
+        result.update(
+            device=torch.cuda.get_device_name(),
+            date=time.strftime("%Y-%m-%d"),
+            torch=torch.__version__,
+        )
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        return result
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if value is not None else "n/a"
