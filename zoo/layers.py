@@ -107,6 +107,18 @@ class AttentionInputs:
     inv_freq: torch.Tensor | None = None  # [D / 2] fp32; None: no rotary embedding
     decode: bool = False  # T == 1 over a cache: the split-KV decode kernel
 
+    @classmethod
+    def appending(cls, cache, seq: int, positions=None, inv_freq=None) -> AttentionInputs:
+        """Inputs of a forward that appends `seq` tokens to `cache` (a zoo.cache.KVCache)."""
+        return cls(
+            cache_lengths=cache.lengths,
+            kv_start=cache.kv_start,
+            kv_end=cache.lengths + seq,
+            positions=positions,
+            inv_freq=inv_freq,
+            decode=seq == 1,
+        )
+
 
 class SelfAttention(nn.Module):
     """Fused QKV projection -> (rotary + cache write) -> attention -> output projection with the

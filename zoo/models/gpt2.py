@@ -135,12 +135,7 @@ class GPT2(DecoderOnlyLM):
         """Run input_ids [B, T] at `positions` [B, T] after the tokens already in `cache`, append
         their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only)."""
         seq = input_ids.shape[1]
-        inputs = AttentionInputs(
-            cache_lengths=cache.lengths,
-            kv_start=cache.kv_start,
-            kv_end=cache.lengths + seq,
-            decode=seq == 1,
-        )
+        inputs = AttentionInputs.appending(cache, seq)
         h = embedding(
             input_ids, self.wte.weight, positions=positions, position_weight=self.wpe.weight
         )

@@ -194,14 +194,7 @@ class Llama(DecoderOnlyLM):
         """Run input_ids [B, T] at `positions` [B, T] after the tokens already in `cache`, append
         their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only)."""
         seq = input_ids.shape[1]
-        inputs = AttentionInputs(
-            cache_lengths=cache.lengths,
-            kv_start=cache.kv_start,
-            kv_end=cache.lengths + seq,
-            positions=positions,
-            inv_freq=self.inv_freq,
-            decode=seq == 1,
-        )
+        inputs = AttentionInputs.appending(cache, seq, positions, self.inv_freq)
         h = embedding(input_ids, self.embed.weight, scale=self.config.embedding_multiplier)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache.k[i], cache.v[i], inputs)  # (B, T, hidden)
