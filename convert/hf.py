@@ -3,7 +3,9 @@
 Only safetensors are read (never pickle). Tensors are streamed shard by shard and tensor by tensor
 straight into preallocated parameters (on their device and dtype), so the host never holds the
 model twice: a fused parameter (QKV, gate-up) is assembled in place from its parts, wherever the
-parts sit among the shards.
+parts sit among the shards. Each tensor is read through its own memory map, unmapped once it has
+been copied, so the file pages resident at any time are one tensor's, not a shard's: loading to a
+GPU holds about one tensor in host memory, loading to the CPU the model plus one tensor.
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ def safetensors_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map'")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not name:
+                raise CheckpointError(f"{index} names shard {name!r}, not a file name in {folder}")
+        files = [folder / name for name in names]
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"{index} names shard {file.name}, which is missing")
@@ -94,32 +100,38 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no *.safetensors weights")
 
 
+def _open(file: Path):
+    """safe_open of one file; its header (JSON, dtypes, offsets within the file size) is checked
+    here, before any tensor is read."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (key, file, tensor) one tensor at a time; the tensor is a CPU tensor read from the
-    memory-mapped file."""
+    """Yield (key, file, tensor) one tensor at a time: a CPU tensor read from the memory-mapped
+    file. Each tensor gets its own mapping, released as soon as the consumer lets go of the tensor
+    and asks for the next one, so the file pages resident in memory are one tensor's at a time
+    (mapped pages that were read count toward RSS until unmapped)."""
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-        with handle as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+        with _open(file) as f:
+            keys = list(f.keys())
+        for key in keys:
+            with _open(file) as f:
                 try:
                     tensor = f.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from e
-                yield key, file, tensor
+            yield key, file, tensor
+            del tensor  # the last reference to this tensor's mapping: unmapped here
 
 
 def tensor_names(files: list[Path]) -> set[str]:
     """The names of the tensors in the checkpoint files (headers only: no tensor is read)."""
     names: set[str] = set()
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-        with handle as f:
+        with _open(file) as f:
             names.update(f.keys())
     return names
 
@@ -140,6 +152,10 @@ class Target:
 DROP = None
 
 KeyMap = dict[str, Target | None]
+
+# Checkpoint dtypes converted to the model's dtype on load; anything else (int8, fp8 of quantized
+# checkpoints) would need scales this loader does not apply, and is refused rather than cast.
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def load_state(
@@ -176,6 +192,11 @@ def load_state(
         target = key_map[key]
         if target is DROP:
             continue
+        if tensor.dtype not in LOADABLE_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {raw_key!r} has dtype {tensor.dtype}; expected one of "
+                f"{', '.join(str(d) for d in LOADABLE_DTYPES)} (quantized checkpoints are unsupported)"
+            )
         param = params[target.param]
         row_end = param.shape[0] if target.row_end is None else target.row_end
         destination = param.data[target.row_start : row_end]

@@ -47,6 +47,8 @@ def load(
     from zoo.models import family_for
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available here; use device='cpu'")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -55,7 +57,7 @@ def load(
     folder, hf_config, generation_config = _resolve(name_or_path, pretrained, hf)
     source = str(folder or name_or_path)
     family = family_for(hf_config, source)
-    config = family.config_from_hf(hf_config)
+    config = _config(family, hf_config, source, hf)
     if pretrained and family.config_from_checkpoint is not None:
         names = hf.tensor_names(hf.safetensors_files(folder))
         config = family.config_from_checkpoint(config, names)
@@ -76,6 +78,28 @@ def load(
     model.generation_config = generation_config
     model.tokenizer = _load_tokenizer(folder) if folder is not None else None
     return model
+
+
+def _config(family, hf_config: dict, source: str, hf):
+    """The family's config dataclass; a config.json that lacks a key or holds an unsupported value
+    (rope_type, activation, quantization) fails here, before any weight is read, naming the
+    checkpoint."""
+    quantization = hf_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise hf.CheckpointError(
+            f"{source}: quantized checkpoint (quantization_config, quant_method {method!r}) is "
+            "unsupported; use a float32 / float16 / bfloat16 checkpoint"
+        )
+    try:
+        return family.config_from_hf(hf_config)
+    except KeyError as e:
+        raise hf.CheckpointError(
+            f"{source}: config.json has no {e.args[0]!r}, which model_type "
+            f"{hf_config.get('model_type')!r} needs"
+        ) from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
 
 
 def _resolve(name_or_path, pretrained, hf):

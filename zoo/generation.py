@@ -24,32 +24,39 @@ CHAT_MAX_NEW_TOKENS = 512
 CACHE_LENGTH_BUCKET = 256
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
-    """Reject ids the kernels must never see: wrong type, shape, device, or outside the vocab."""
+def check_input_ids(
+    input_ids: torch.Tensor, vocab_size: int, device: torch.device, name: str = "input_ids"
+) -> None:
+    """Reject ids the kernels must never see: wrong type, shape, device, or outside the vocab.
+    `name` is the argument named in the message (e.g. decoder_input_ids)."""
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids: expected int64 or int32 token ids, got {input_ids.dtype}")
+        raise ValueError(f"{name}: expected int64 or int32 token ids, got {input_ids.dtype}")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected shape [batch, seq], got {tuple(input_ids.shape)}")
+        raise ValueError(f"{name}: expected shape [batch, seq], got {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
-        raise ValueError(f"input_ids: empty input of shape {tuple(input_ids.shape)}")
+        raise ValueError(f"{name}: empty input of shape {tuple(input_ids.shape)}")
     if input_ids.device != device:
-        raise ValueError(f"input_ids: on {input_ids.device}, but the model is on {device}")
+        raise ValueError(f"{name}: on {input_ids.device}, but the model is on {device}")
     low, high = input_ids.min().item(), input_ids.max().item()
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-def left_padding(
-    attention_mask: torch.Tensor | None, input_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions [B, T] (int64) and first real slot [B] (int32) of a left-padded batch."""
-    batch, seq = input_ids.shape
-    if attention_mask is None:
-        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        return positions, torch.zeros(batch, dtype=torch.int32, device=input_ids.device)
+def check_attention_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The mask as int64 0/1 [B, T], after rejecting what would silently mean something else: not
+    a tensor, a floating-point mask (an additive -inf mask, or 0.5 that a cast turns into 0),
+    another shape or device than input_ids, values other than 0 and 1."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise ValueError(
+            f"attention_mask: expected an integer or bool tensor of 0 and 1, got {attention_mask.dtype}"
+        )
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
@@ -61,6 +68,18 @@ def left_padding(
     mask = attention_mask.to(torch.int64)
     if ((mask != 0) & (mask != 1)).any():
         raise ValueError("attention_mask: values must be 0 or 1")
+    return mask
+
+
+def left_padding(
+    attention_mask: torch.Tensor | None, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, T] (int64) and first real slot [B] (int32) of a left-padded batch."""
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        return positions, torch.zeros(batch, dtype=torch.int32, device=input_ids.device)
+    mask = check_attention_mask(attention_mask, input_ids)
     if (mask[:, 1:] < mask[:, :-1]).any():
         raise ValueError(
             "attention_mask: decoder-only batches must be left-padded (each row: zeros, then ones)"
@@ -70,6 +89,14 @@ def left_padding(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kv_start = (mask == 0).sum(-1).to(torch.int32)
     return positions, kv_start
+
+
+def check_cuda_graph(cuda_graph: bool | None, device: torch.device) -> None:
+    """cuda_graph=True asks for CUDA graph capture, which only a model on a CUDA device has."""
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True: CUDA graphs need a model on a CUDA device, this one is on {device}"
+        )
 
 
 def eos_list(eos_token_id: int | list[int] | None) -> list[int]:
@@ -173,9 +200,11 @@ def choose_tokens(
 
 def _record(state: DecodeState, chosen: torch.Tensor) -> None:
     """Write the chosen tokens into the output column `step` (pad for rows already finished)."""
-    chosen = torch.where(state.finished, state.pad_token_id, chosen)
     if state.seen is not None:
+        # before padding: pad_token_id need not be a vocabulary index (a finished row's `seen`
+        # no longer matters), the model's choice always is
         state.seen.scatter_(1, chosen[:, None], True)
+    chosen = torch.where(state.finished, state.pad_token_id, chosen)
     state.finished |= torch.isin(chosen, state.eos)
     state.out.index_copy_(1, state.step, chosen[:, None])
     state.tokens.copy_(chosen[:, None])
@@ -203,17 +232,20 @@ class DecoderOnlyLM(nn.Module):
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         positions, kv_start = left_padding(attention_mask, input_ids)
         batch, seq = input_ids.shape
-        self._check_length(seq)
+        if seq > self.max_length:
+            raise ValueError(
+                f"input_ids: {seq} tokens exceed the model's context of {self.max_length} tokens"
+            )
         cache = self.new_cache(batch, seq)
         cache.reset(kv_start)
         with torch.inference_mode():
             return self.forward_cached(input_ids, positions, cache)
 
-    def _check_length(self, total: int) -> None:
-        if total > self.max_length:
+    def _check_length(self, prompt: int, max_new_tokens: int) -> None:
+        if prompt + max_new_tokens > self.max_length:
             raise ValueError(
-                f"prompt length plus max_new_tokens is {total}, beyond the model's context of "
-                f"{self.max_length} tokens (max_position_embeddings)"
+                f"prompt length {prompt} plus max_new_tokens {max_new_tokens} is "
+                f"{prompt + max_new_tokens}, beyond the model's context of {self.max_length} tokens"
             )
 
     @torch.inference_mode()
@@ -356,10 +388,8 @@ class DecoderOnlyLM(nn.Module):
         return self.tokenizer
 
     def _encode_prompts(self, prompts: str | list[str]) -> list[list[int]]:
+        texts = check_prompts(prompts)
         tokenizer = self._require_tokenizer()
-        texts = [prompts] if isinstance(prompts, str) else prompts
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("prompt: expected a str or a non-empty list of str")
         encoded = [tokenizer.encode(t).ids for t in texts]
         if not all(encoded):
             raise ValueError("prompt: a prompt encodes to no tokens")
@@ -422,7 +452,8 @@ class DecoderOnlyLM(nn.Module):
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         positions, kv_start = left_padding(attention_mask, input_ids)
         batch, seq = input_ids.shape
-        self._check_length(seq + max_new_tokens)
+        self._check_length(seq, max_new_tokens)
+        check_cuda_graph(cuda_graph, self.device)
         open_stream = self.__dict__.pop("_open_stream", lambda: None)()
         if open_stream is not None:  # it shares the decode buffers: end it
             open_stream.close()
@@ -461,6 +492,21 @@ class DecodeRun:
     states: Iterator[DecodeState]
     eos: tuple[int, ...]
     pad_token_id: int
+
+
+def check_prompts(prompts: str | list[str]) -> list[str]:
+    """A str or non-empty list of str prompts as a list; a list of token ids (not a tensor) is
+    named as such rather than taken for text."""
+    texts = [prompts] if isinstance(prompts, str) else prompts
+    if not texts:
+        raise ValueError("input_ids: empty list of prompts")
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(
+            "input_ids: expected a torch.Tensor of token ids [batch, seq], or a str or list of "
+            f"str prompts; got a list holding {type(bad).__name__}"
+        )
+    return texts
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from kernels.attention import attention
 from kernels.embedding import embedding
-from zoo.generation import check_input_ids
+from zoo.generation import check_attention_mask, check_input_ids
 from zoo.layers import LayerNorm, Linear, init_random_
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
@@ -216,21 +216,7 @@ def right_padded_lengths(
     """Real lengths [B] (int32) of a right-padded batch, or None without a mask."""
     if attention_mask is None:
         return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(
-            f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
-        )
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
-    if attention_mask.device != input_ids.device:
-        raise ValueError(
-            f"attention_mask: on {attention_mask.device}, input_ids on {input_ids.device}"
-        )
-    mask = attention_mask.to(torch.int64)
-    if ((mask != 0) & (mask != 1)).any():
-        raise ValueError("attention_mask: values must be 0 or 1")
+    mask = check_attention_mask(attention_mask, input_ids)
     if (mask[:, 1:] > mask[:, :-1]).any():
         raise ValueError(
             "attention_mask: Bert batches must be right-padded (each row: ones, then zeros)"

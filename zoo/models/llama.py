@@ -20,6 +20,7 @@ from kernels.matmul import matmul
 from zoo.cache import KVCache
 from zoo.generation import DecoderOnlyLM
 from zoo.layers import (
+    SUPPORTED_ROPE_TYPES,
     AttentionInputs,
     Linear,
     RMSNorm,
@@ -58,6 +59,7 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.attention_multiplier is None:
             self.attention_multiplier = self.head_dim**-0.5
+        _check_rope_scaling(self.rope_scaling)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_heads} is not a multiple of "
@@ -106,6 +108,29 @@ class LlamaConfig:
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
+
+
+# the keys rope_inv_freq reads for each rope_type
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling: dict | None) -> None:
+    """Refuse a rope_scaling the rotary kernels do not implement (yarn, linear, dynamic, ...) when
+    the config is read, not after the weights are loaded."""
+    if scaling is None:
+        return
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r} (config.json rope_scaling / rope_parameters); "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    missing = [key for key in ROPE_SCALING_KEYS.get(rope_type, ()) if key not in scaling]
+    if missing:
+        raise ValueError(f"rope_type {rope_type!r} needs rope_scaling keys: {', '.join(missing)}")
 
 
 class LlamaMLP(nn.Module):

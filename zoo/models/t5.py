@@ -28,7 +28,16 @@ from kernels.matmul import matmul
 from kernels.relative_bias import relative_position_bias
 from kernels.rope import rope_cache_write
 from zoo.cache import KVCache
-from zoo.generation import SamplingParams, check_input_ids, decode, decode_runner, stop_ids
+from zoo.generation import (
+    SamplingParams,
+    check_attention_mask,
+    check_cuda_graph,
+    check_input_ids,
+    check_prompts,
+    decode,
+    decode_runner,
+    stop_ids,
+)
 from zoo.layers import Linear, RMSNorm, init_random_
 
 # feed_forward_proj -> our matmul activation; "gated-gelu" is gelu_new (tanh), as HF's T5Config
@@ -435,7 +444,9 @@ class T5(nn.Module):
                 "use generate() to produce decoder ids"
             )
         check_input_ids(input_ids, self.config.vocab_size, self.device)
-        check_input_ids(decoder_input_ids, self.config.vocab_size, self.device)
+        check_input_ids(
+            decoder_input_ids, self.config.vocab_size, self.device, name="decoder_input_ids"
+        )
         if decoder_input_ids.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"decoder_input_ids: batch {decoder_input_ids.shape[0]} != input_ids batch "
@@ -459,7 +470,13 @@ class T5(nn.Module):
             decoder_start_token_id = self.config.pad_token_id
         if decoder_start_token_id is None:
             raise ValueError("no decoder_start_token_id (nor pad_token_id) in the config")
-        return int(decoder_start_token_id)
+        start = int(decoder_start_token_id)
+        if not 0 <= start < self.config.vocab_size:  # it is the decoder's first input id
+            raise ValueError(
+                f"decoder_start_token_id: {start} is outside the vocabulary "
+                f"[0, {self.config.vocab_size})"
+            )
+        return start
 
     @torch.inference_mode()
     def generate(
@@ -512,6 +529,7 @@ class T5(nn.Module):
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         lengths = right_padding_lengths(attention_mask, input_ids)
         start_id = self.decoder_start_token_id(decoder_start_token_id)
+        check_cuda_graph(cuda_graph, self.device)
         batch, seq = input_ids.shape
         start = torch.full((batch, 1), start_id, dtype=input_ids.dtype, device=input_ids.device)
         if max_new_tokens == 0:
@@ -539,11 +557,9 @@ class T5(nn.Module):
         return torch.cat([start, generated.to(input_ids.dtype)], dim=1)
 
     def _generate_text(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        texts = check_prompts(prompts)
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer (tokenizer.json beside the checkpoint)")
-        texts = [prompts] if isinstance(prompts, str) else prompts
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("prompt: expected a str or a non-empty list of str")
         encoded = [self.tokenizer.encode(t).ids for t in texts]
         if not all(encoded):
             raise ValueError("prompt: a prompt encodes to no tokens")
@@ -567,17 +583,7 @@ def right_padding_lengths(
     batch, seq = input_ids.shape
     if attention_mask is None:
         return torch.full((batch,), seq, dtype=torch.int32, device=input_ids.device)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
-    if attention_mask.device != input_ids.device:
-        raise ValueError(
-            f"attention_mask: on {attention_mask.device}, input_ids on {input_ids.device}"
-        )
-    mask = attention_mask.to(torch.int64)
-    if ((mask != 0) & (mask != 1)).any():
-        raise ValueError("attention_mask: values must be 0 or 1")
+    mask = check_attention_mask(attention_mask, input_ids)
     if (mask[:, 1:] > mask[:, :-1]).any():
         raise ValueError(
             "attention_mask: T5 encoder batches must be right-padded (each row: ones, then zeros)"
