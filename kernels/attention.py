@@ -21,7 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_last_dim_contiguous, dot_precision, next_pow2
+from kernels.utils import (
+    INTERPRET,
+    check_attention_inputs,
+    check_last_dim_contiguous,
+    dot_precision,
+    next_pow2,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -296,27 +302,9 @@ def attention(
     [B, Hq, Tq, S], fp32 or q's dtype. Returns [B, Tq, Hq, D] in q's dtype (or fills `out`);
     queries that see no key get 0.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v: expected 4-d tensors [B, T, H, D]")
+    bias = check_attention_inputs(q, k, v, kv_start, kv_end, bias)
     B, Tq, Hq, D = q.shape
     _, S, Hkv, _ = k.shape
-    if k.shape != (B, S, Hkv, D) or v.shape != k.shape:
-        raise ValueError(
-            f"k, v: expected shape {(B, S, Hkv, D)}, got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if Hq % Hkv != 0:
-        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_last_dim_contiguous(name, t)
-    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-        if t is not None and (t.shape != (B,) or t.dtype != torch.int32 or not t.is_contiguous()):
-            raise ValueError(f"{name}: expected a contiguous int32 tensor of shape ({B},)")
-    if bias is not None:
-        if bias.dtype not in (torch.float32, q.dtype):
-            raise ValueError(f"bias: dtype {bias.dtype} must be float32 or {q.dtype}")
-        bias = bias.expand(B, Hq, Tq, S)
     if out is None:
         out = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
     else:

@@ -1,6 +1,21 @@
-"""Shared test helpers: tolerances and error reports."""
+"""Shared test helpers: the device, the dtypes kernels are tested in, and error reports."""
 
+import pytest
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# bf16 runs on the GPU only: the Triton interpreter computes it wrongly
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter"
+        ),
+    ),
+]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:

@@ -2,22 +2,11 @@
 
 import pytest
 import torch
-from conftest import DEVICE
-from helpers import assert_close
+from helpers import DEVICE, DTYPES, assert_close
 
 from kernels.attention import attention
 
 RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter"
-        ),
-    ),
-]
 
 
 def reference(q, k, v, *, causal, scale, kv_start=None, kv_end=None, bias=None):

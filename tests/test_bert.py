@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from safetensors.torch import load_file, save_file
 
 import zoo
 
 transformers = pytest.importorskip("transformers")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-4
 
 # Odd sizes: 3 heads of 24, vocab, intermediate and token types not powers of 2, non-default eps.

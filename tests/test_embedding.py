@@ -1,10 +1,8 @@
 import pytest
 import torch
+from helpers import DEVICE, DTYPES
 
 from kernels.embedding import embedding
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE
+from helpers import DEVICE
 from safetensors.torch import load_file, save_file
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction

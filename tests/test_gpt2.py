@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from safetensors import safe_open
 
 import zoo
 
 transformers = pytest.importorskip("transformers")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-4
 # odd on purpose: 3 heads of 24 (n_embd 72 is not a power of 2), vocab not a multiple of a block
 CONFIG = dict(

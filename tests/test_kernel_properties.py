@@ -10,8 +10,7 @@ failing example shrinks and replays exactly.
 """
 
 import torch
-from conftest import DEVICE
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_attention import reference as attention_reference

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 
 import zoo
 
 transformers = pytest.importorskip("transformers")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-4
 
 LLAMA3_SCALING = {

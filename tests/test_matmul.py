@@ -3,25 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import DEVICE, DTYPES, assert_close
 
 import kernels.matmul as mm
 from kernels.matmul import matmul
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 # Max-norm relative error against float64; fp32 uses IEEE products (no tf32).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter"
-        ),
-    ),
-]
 
 
 def rand(*shape, dtype=torch.float32):

@@ -1,11 +1,9 @@
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, DTYPES, assert_close
 
 from kernels.norm import layer_norm, rms_norm
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

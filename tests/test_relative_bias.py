@@ -2,24 +2,13 @@
 
 import pytest
 import torch
-from conftest import DEVICE
+from helpers import DEVICE, DTYPES
 
 from kernels.relative_bias import relative_position_bias
 from zoo.models.t5 import relative_position_buckets
 
 transformers = pytest.importorskip("transformers")
 hf_bucket = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
-
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter"
-        ),
-    ),
-]
 
 
 def reference(table, query_length, key_length, offsets, bidirectional, num_buckets, max_distance):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import zoo
 from zoo.generation import (
@@ -18,8 +19,6 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 50, 500])

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import zoo
 from zoo.tokenizer import Tokenizer
@@ -22,7 +23,6 @@ from tokenizers import Tokenizer as Backend  # noqa: E402
 from tokenizers import decoders, models, processors, trainers  # noqa: E402
 from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPECIAL = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
