@@ -12,6 +12,7 @@ apply_chat_template renders it) and each reply ends at the model's end-of-turn t
 import argparse
 
 import zoo
+from zoo.cli import add_sampling_arguments, sampling_options
 
 
 def main() -> None:
@@ -19,24 +20,14 @@ def main() -> None:
     parser.add_argument("--model", default="llama3.2-1b-instruct", help="registry name or folder")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: off")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_arguments(parser)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
     model = zoo.load(args.model, device=args.device)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         parser.error(f"{args.model}: no tokenizer with a chat template beside the checkpoint")
-    sampling = dict(
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-    )
+    sampling = sampling_options(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print("/reset starts over, /quit leaves")

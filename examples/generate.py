@@ -15,6 +15,7 @@ import time
 import torch
 
 import zoo
+from zoo.cli import add_sampling_arguments, sampling_options
 
 
 def main() -> None:
@@ -23,12 +24,7 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--stream", action="store_true", help="print text as it is produced")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: off")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(parser)
     parser.add_argument("--stop", action="append", help="stop string (repeat for more)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
@@ -37,16 +33,7 @@ def main() -> None:
     prompts = args.prompt or ["The three laws of thermodynamics are"]
     if args.stream and len(prompts) > 1:
         parser.error("--stream takes one --prompt")
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling_options(args))
     start = time.perf_counter()
     if args.stream:
         print(prompts[0], end="", flush=True)

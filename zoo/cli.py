@@ -50,16 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--system", help="with --chat: a system message first")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0, help="0: off")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(gen)
     gen.add_argument("--stop", action="append", help="stop string (repeat for more)")
     gen.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU")
     return parser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags of `generate` (shared with the examples)."""
+    parser.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The keywords of model.generate / model.chat that add_sampling_arguments' flags set."""
+    return dict(
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -92,15 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"zoo: {args.model}: not a decoder-only language model", file=sys.stderr)
         return 2
     sampling = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-        stream=True,
+        max_new_tokens=args.max_new_tokens, stop=args.stop, stream=True, **sampling_options(args)
     )
     start = time.perf_counter()
     if args.chat:
