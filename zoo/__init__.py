@@ -58,16 +58,15 @@ def load(
     source = str(folder or name_or_path)
     family = family_for(hf_config, source)
     config = _config(family, hf_config, source, hf)
+    files = hf.safetensors_files(folder) if pretrained else []
     if pretrained and family.config_from_checkpoint is not None:
-        names = hf.tensor_names(hf.safetensors_files(folder))
-        config = family.config_from_checkpoint(config, names)
+        config = family.config_from_checkpoint(config, hf.tensor_names(files))
     with torch.device("meta"):
         model = family.model_class(config)
     model = model.to(dtype)
     if device.type != "meta":
         model = model.to_empty(device=device)
         if pretrained:
-            files = hf.safetensors_files(folder)
             hf.load_state(
                 model, files, family.key_map(config), family.normalize_key, progress=progress
             )

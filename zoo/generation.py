@@ -9,7 +9,7 @@ the device only every few steps to see whether every row has finished. The eager
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -521,8 +521,7 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 class TextRows:
     """The text of each row's new tokens while generation runs: cut before the row's first EOS
-    and before the first stop string. `update(state)` (each time the decode loop yields, or as
-    decode's on_check) decodes every unfinished row again and marks rows finished in the decode
+    and before the first stop string. `update(state)` (each time decode_steps yields) decodes every unfinished row again and marks rows finished in the decode
     state when a stop string shows.
 
     Each row is decoded whole each time (not token by token): byte-level tokens of one
@@ -714,23 +713,16 @@ def decode(
     max_new_tokens: int,
     prompt_ids: torch.Tensor | None = None,
     seed: int | None = None,
-    on_check: Callable[[DecodeState], None] | None = None,
-    check_every: int = STOP_CHECK_INTERVAL,
 ) -> torch.Tensor:
     """New tokens [B, n <= max_new_tokens] after a prefill whose last logits are first_logits
     [B, V]; the runner's cache holds the prompt. next_positions [B, 1]: the first decode position;
     prompt_ids [B, T]: the tokens the repetition penalty counts as seen (pads included, as in HF).
-    Every check_every steps the host looks at the state: on_check(state) may read the tokens so
-    far (state.out[:, :state.step]) and mark rows finished (stop strings, streaming); the loop ends
-    once every row has finished. on_check is called once more at the end.
+    Callers that look at the tokens while they are produced (stop strings, streaming) iterate
+    decode_steps instead.
     """
-    steps = decode_steps(
-        runner, first_logits, next_positions, max_new_tokens, prompt_ids, seed, check_every
-    )
-    for state in steps:
-        if on_check is not None:
-            on_check(state)
-    return generated_tokens(state)
+    for _ in decode_steps(runner, first_logits, next_positions, max_new_tokens, prompt_ids, seed):
+        pass
+    return generated_tokens(runner.state)
 
 
 def decode_steps(
