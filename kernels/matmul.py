@@ -313,6 +313,8 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _SKINNY_CONFIGS
     elif m_bucket <= 64:
         bucket = _MEDIUM_CONFIGS
+    elif m_bucket <= 256:  # short prefill, Bert at small batch: big tiles would leave SMs idle
+        bucket = _MEDIUM_CONFIGS + _LARGE_CONFIGS
     else:
         bucket = _LARGE_CONFIGS
     kept = []
@@ -330,8 +332,13 @@ def _prune_configs(configs, named_args, **kwargs):
 
 def _bench_cudagraph(kernel_call, quantiles):
     # Decode-sized kernels run for a few microseconds: timed without a CUDA graph the launch
-    # overhead would decide the winner.
-    return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+    # overhead would decide the winner. do_bench_cudagraph runs on a stream of its own that does
+    # not wait for the current one: without the syncs, restore_value could save `out` before the
+    # pending writes to it land (and put back that stale copy).
+    torch.cuda.synchronize()
+    timing = triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+    torch.cuda.synchronize()
+    return timing
 
 
 _matmul_kernel_tuned = (
@@ -349,6 +356,10 @@ _matmul_kernel_tuned = (
     )(_matmul_kernel)
 )
 
+# The config the autotuner chose per key, to launch without its per-call dispatch (tens of
+# microseconds, as much as a decode-sized kernel runs).
+_tuned_configs: dict[tuple, triton.Config] = {}
+
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
@@ -363,7 +374,12 @@ def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """
     if INTERPRET or device.type != "cuda" or m > 64:
         return 1
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _split_k_for(m, n, k, device.index if device.index is not None else -1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_k_for(m: int, n: int, k: int, device_index: int) -> int:
+    num_sms = _num_sms(device_index if device_index >= 0 else torch.cuda.current_device())
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     split_k = 1
     while tiles * split_k < num_sms and k // (2 * split_k) >= 2048 and split_k < 8:
@@ -510,7 +526,14 @@ def matmul(
     if INTERPRET:
         _matmul_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
     else:
-        _matmul_kernel_tuned[grid](*args, **meta)
+        key = (args[9], n, k, act_name, fused_gate, res2 is not None, split_k, bias is not None)
+        key += (x.dtype,)
+        config = _tuned_configs.get(key)
+        if config is None:
+            _matmul_kernel_tuned[grid](*args, **meta)
+            _tuned_configs[key] = _matmul_kernel_tuned.best_config
+        else:
+            _matmul_kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
     if split_k > 1:
         block_m, block_n = (32, 128) if INTERPRET else (16, 256)

@@ -3,7 +3,6 @@
 import os
 
 import torch
-import triton
 
 # The interpreter runs every program instance on the CPU: launchers pick large fixed blocks
 # there and skip autotuning (which needs a GPU driver).
@@ -11,7 +10,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (1 for n <= 1); plain int arithmetic, called per launch."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:

@@ -106,6 +106,21 @@ def test_out_aliases_residual(dtype):
     assert_close(h, expected, TOL[dtype], "in-place residual add")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuning runs on the GPU only")
+def test_in_place_residual_while_autotuning_behind_pending_work():
+    """The first call at a new shape autotunes (the kernel runs many times on the autotuner's own
+    stream) while the residual's last update may still be queued on the current stream: the
+    result must still be one residual add. A weight big enough to have several configs to time;
+    an N of its own so that this call tunes."""
+    x, w = rand(4, 1024, dtype=torch.float16), rand(1064, 1024, dtype=torch.float16)
+    h = rand(4, 1064, dtype=torch.float16)
+    expected = reference(x, w, residual=h + 1)
+    torch.cuda._sleep(50_000_000)  # keep the current stream busy, then update the residual
+    h.add_(1)
+    matmul(x, w, residual=h, out=h)
+    assert_close(h, expected, TOL[torch.float16], "in-place residual add at autotune time")
+
+
 @pytest.mark.parametrize(
     "activation, k, split_k",
     [("silu_mul", 300, 3), (None, 72, 4)],  # 3 uneven slices; 4 slices of which two are empty

@@ -205,7 +205,9 @@ def _record(state: DecodeState, chosen: torch.Tensor) -> None:
         # no longer matters), the model's choice always is
         state.seen.scatter_(1, chosen[:, None], True)
     chosen = torch.where(state.finished, state.pad_token_id, chosen)
-    state.finished |= torch.isin(chosen, state.eos)
+    # a broadcast compare, not torch.isin: isin syncs with the host for long EOS lists, which a
+    # CUDA graph capture refuses
+    state.finished |= (chosen[:, None] == state.eos).any(-1)
     state.out.index_copy_(1, state.step, chosen[:, None])
     state.tokens.copy_(chosen[:, None])
     state.step.add_(1)
@@ -708,14 +710,16 @@ def decode_runner(
 
 def decode(
     runner: DecodeRunner,
-    first_logits: torch.Tensor,
+    first_logits: torch.Tensor | None,
     next_positions: torch.Tensor,
     max_new_tokens: int,
     prompt_ids: torch.Tensor | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
     """New tokens [B, n <= max_new_tokens] after a prefill whose last logits are first_logits
-    [B, V]; the runner's cache holds the prompt. next_positions [B, 1]: the first decode position;
+    [B, V]; the runner's cache holds the prompt. first_logits=None: the first token is itself a
+    decode step of the runner's state.tokens (set by the caller; T5's decoder start token), so
+    it runs in the CUDA graph too. next_positions [B, 1]: the first decode position;
     prompt_ids [B, T]: the tokens the repetition penalty counts as seen (pads included, as in HF).
     Callers that look at the tokens while they are produced (stop strings, streaming) iterate
     decode_steps instead.
@@ -727,7 +731,7 @@ def decode(
 
 def decode_steps(
     runner: DecodeRunner,
-    first_logits: torch.Tensor,
+    first_logits: torch.Tensor | None,
     next_positions: torch.Tensor,
     max_new_tokens: int,
     prompt_ids: torch.Tensor | None = None,
@@ -750,8 +754,12 @@ def decode_steps(
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     runner.generator.manual_seed(seed)
-    _record(state, runner.select(first_logits))
-    state.positions.copy_(next_positions)
+    if first_logits is None:
+        state.positions.copy_(next_positions)
+        runner.step()
+    else:
+        _record(state, runner.select(first_logits))
+        state.positions.copy_(next_positions)
     for step in range(1, max_new_tokens):
         if step % check_every == 0:
             yield state

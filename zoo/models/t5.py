@@ -549,11 +549,11 @@ class T5(nn.Module):
         )
         runner.cache.reset()
         self.encode_into(runner.cache, input_ids, lengths)
-        first_logits = self.forward_cached(start, None, runner.cache, last_only=True)
-        positions = torch.ones(batch, 1, dtype=torch.int64, device=input_ids.device)  # unused
-        generated = decode(
-            runner, first_logits[:, -1], positions, max_new_tokens, start.long(), seed
-        )
+        # the first decoder step (the start token) is a decode step like the others: the runner
+        # runs it (from its CUDA graph once captured)
+        runner.state.tokens.copy_(start)
+        positions = torch.zeros(batch, 1, dtype=torch.int64, device=input_ids.device)  # unused
+        generated = decode(runner, None, positions, max_new_tokens, start.long(), seed)
         return torch.cat([start, generated.to(input_ids.dtype)], dim=1)
 
     def _generate_text(self, prompts: str | list[str], **kwargs) -> str | list[str]:
