@@ -29,6 +29,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS,
+    attempt,
     fmt,
     gpu_tag,
     load_peers,
@@ -85,7 +86,7 @@ def load_hf(model_name: str):
     return model.eval()
 
 
-def bench_peers(model_name: str, shapes, prefill_tokens: int) -> dict:
+def bench_peers(model_name: str, shapes, prefill_tokens: int, save) -> dict:
     import transformers
 
     model = load_hf(model_name)
@@ -99,13 +100,22 @@ def bench_peers(model_name: str, shapes, prefill_tokens: int) -> dict:
             row = {}
             for provider, compiled in (("hf_eager", False), ("hf_compile", True)):
                 start = time.perf_counter()
-                step_s, _ = decode_timing(hf_generate(model, compiled), ids, new)
-                row[f"{provider}_ms_per_step"] = 1e3 * step_s
+                timing = attempt(
+                    provider,
+                    lambda compiled=compiled, ids=ids, new=new: decode_timing(
+                        hf_generate(model, compiled), ids, new
+                    ),
+                )
+                if timing is None:
+                    continue
+                row[f"{provider}_ms_per_step"] = 1e3 * timing[0]
                 row[f"{provider}_bench_s"] = time.perf_counter() - start
                 print(
-                    f"  {provider} {batch}x{prompt}x{new}: {1e3 * step_s:.2f} ms/step", flush=True
+                    f"  {provider} {batch}x{prompt}x{new}: {1e3 * timing[0]:.2f} ms/step",
+                    flush=True,
                 )
             result["rows"][f"{batch}x{prompt}x{new}"] = row
+            save(result)
     return result
 
 
@@ -123,8 +133,8 @@ def main() -> None:
     bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()
     print(f"{device}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
 
-    def measure_peers():
-        result = bench_peers(args.model, shapes, args.prefill)
+    def measure_peers(save):
+        result = bench_peers(args.model, shapes, args.prefill, save)
         gc.collect()  # the HF model is gone with bench_peers' frame
         torch.cuda.empty_cache()
         return result

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, fmt, gpu_tag, load_peers, median_seconds  # noqa: E402
+from common import RESULTS, attempt, fmt, gpu_tag, load_peers, median_seconds  # noqa: E402
 
 import zoo  # noqa: E402
 
@@ -41,18 +41,22 @@ def bench_peers(name: str, batch: int, seq: int, new: int) -> dict:
             ("hf_eager", {"disable_compile": True}),
             ("hf_compile", {"cache_implementation": "static"}),
         ):
-            seconds = median_seconds(
-                lambda extra=extra: model.generate(
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                    **extra,
-                )
+            seconds = attempt(
+                provider,
+                lambda extra=extra: median_seconds(
+                    lambda: model.generate(
+                        ids,
+                        attention_mask=mask,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        **extra,
+                    )
+                ),
             )
-            result[f"{provider}_ms"] = 1e3 * seconds
-            print(f"  {provider}: {1e3 * seconds:.1f} ms", flush=True)
+            if seconds is not None:
+                result[f"{provider}_ms"] = 1e3 * seconds
+                print(f"  {provider}: {1e3 * seconds:.1f} ms", flush=True)
     return result
 
 
@@ -67,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = f"{args.batch}x{args.input}x{args.new}"
 
-    def measure_peers():
+    def measure_peers(save):
         result = bench_peers(args.model, args.batch, args.input, args.new)
         gc.collect()
         torch.cuda.empty_cache()

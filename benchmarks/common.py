@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import triton.testing
 
-RESULTS = Path(__file__).parent / "results"
+# HF peer numbers live here; BENCH_RESULTS moves them (e.g. to an output folder of a GPU run)
+RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def measure_copy_bandwidth() -> float:
@@ -45,20 +48,38 @@ def gpu_tag() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def load_peers(path: Path, measure) -> dict:
-    """HF peer numbers for this GPU kind: measured by `measure()` and stored when path is missing
-    or --peers is given (measure is None otherwise)."""
-    if measure is not None:
-        result = measure()
-        result.update(
+def load_peers(path: Path, measure=None) -> dict:
+    """HF peer numbers stored for this GPU kind at path ({} when none). With measure (--peers),
+    measure(save) runs first and calls save(partial result) as each row is done: a run cut short
+    keeps the rows it finished, and rows stored before (other shapes) are kept."""
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if measure is None:
+        return stored
+
+    def save(result: dict) -> None:
+        rows = {**stored.get("rows", {}), **result.get("rows", {})}
+        stored.update(result)
+        stored.update(
+            rows=rows,
             device=torch.cuda.get_device_name(),
             date=time.strftime("%Y-%m-%d"),
             torch=torch.__version__,
         )
-        RESULTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        return result
-    return json.loads(path.read_text()) if path.is_file() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stored, indent=2))
+
+    save(measure(save))
+    return stored
+
+
+def attempt(what: str, fn):
+    """fn(), or None after printing the error: one peer that fails (a compile error of a stock
+    library, say) is reported in the table as n/a instead of ending the run."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - any failure of a peer is reported, not raised
+        print(f"  {what} failed:\n{traceback.format_exc()}", flush=True)
+        return None
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

@@ -1,28 +1,50 @@
 #!/usr/bin/env bash
 # GPU runs, one stage per argument (a device call runs at most 10 minutes: pick stages to fit).
-#   tests    the whole test suite on the GPU (kernels in fp32/fp16/bf16, every family's parity)
-#   smoke    Llama-3-8B (random weights): load, generate 32 tokens for a batch of 2, graph == eager
-#   llama    decode/prefill benchmark of Llama-3-8B (add PEERS=1 to measure HF peers again)
-#   gpt2     the same for GPT-2 (124M)
-#   bert     Bert-base forward benchmark at the 7 shapes of the targets
-#   t5       T5-base generation benchmark, input 256, 64 new tokens
-#   profile  the GPU kernels of a Llama-3-8B prefill and decode step: all matmuls/attention ours
-# Logs and JSON go to $OUT.   e.g.  bash benchmarks/gpu_run.sh tests smoke
+#   tests     the whole test suite on the GPU (kernels in fp32/fp16/bf16, every family's parity),
+#             in three concurrent pytest processes
+#   smoke     Llama-3-8B (random weights): load, generate 32 tokens for a batch of 2, graph == eager
+#   accuracy  bf16 error against HF fp32 at real sizes, ours vs HF bf16 (benchmarks/accuracy.py)
+#   profile   the GPU kernels of a Llama-3-8B prefill and decode step: all matmuls/attention ours
+#   checks    tests, and beside them smoke, accuracy and profile (none of these is timed)
+#   llama     decode/prefill benchmark of Llama-3-8B (add PEERS=1 to measure HF peers again)
+#   gpt2      the same for GPT-2 (124M)
+#   bert      Bert-base forward benchmark at the 7 shapes of the targets (BERT_PEER_SHAPES=1x16,...
+#             limits which shapes PEERS=1 measures; the others come from the stored peers)
+#   t5        T5-base generation benchmark, input 256, 64 new tokens
+# Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
+# files are read from and written to $OUT too.
+#   e.g.  bash benchmarks/gpu_run.sh checks      PEERS=1 bash benchmarks/gpu_run.sh t5 gpt2
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 peers=${PEERS:+--peers}
+# measured peers land in $OUT (stored ones are copied there first); otherwise the stored ones are read
+[ -n "$peers" ] && export BENCH_RESULTS=$OUT
+gpu=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); from common import gpu_tag; print(gpu_tag())")
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-for stage in "$@"; do
-  echo "== $stage"
-  case "$stage" in
-    tests)
-      python -m pytest -q -rs -s -p no:cacheprovider tests 2>&1 | grep -v "Writing model shards" > "$OUT/pytest.log"
-      grep -E "passed|failed|FAILED|Error|relative error" "$OUT/pytest.log" | tail -30 ;;
-    smoke)
-      python - <<'PY' 2>&1 | tee "$OUT/smoke.log"
+
+stored_peers() {  # with PEERS=1: the stored HF peer numbers of this GPU kind for a model into $OUT
+  [ -n "$peers" ] && cp "benchmarks/results/${gpu}_$1_hf_peers.json" "$OUT/" 2>/dev/null || true
+}
+
+run_tests() {  # three pytest processes side by side; each writes $OUT/pytest_<lane>.log
+  local groups=(
+    "tests/test_matmul.py tests/test_attention.py tests/test_decode.py tests/test_kernel_properties.py"
+    "tests/test_llama.py tests/test_gpt2.py tests/test_norm.py tests/test_rope.py tests/test_embedding.py tests/test_relative_bias.py"
+    "$(ls tests/test_*.py | grep -v -E 'test_(matmul|attention|decode|kernel_properties|llama|gpt2|norm|rope|embedding|relative_bias)\.py' | tr '\n' ' ')"
+  )
+  for i in "${!groups[@]}"; do
+    # shellcheck disable=SC2086
+    python -m pytest -q -rs -s -p no:cacheprovider ${groups[$i]} 2>&1 | grep --line-buffered -v "Writing model shards" >"$OUT/pytest_$i.log" &
+  done
+  wait
+  grep -h -E "passed|failed|FAILED|Error|relative error" "$OUT"/pytest_*.log | tail -40
+}
+
+smoke() {
+  python - <<'PY' 2>&1 | tee "$OUT/smoke.log"
 import time, torch, zoo
 start = time.perf_counter()
 m = zoo.load("llama3-8b", pretrained=False)
@@ -33,13 +55,35 @@ print("smoke generate batch 2 -> shape", tuple(out.shape))
 eager = m.generate(ids, max_new_tokens=32, eos_token_id=[], cuda_graph=False)
 print("cuda graph tokens == eager tokens:", torch.equal(out, eager))
 PY
-      ;;
-    llama) python benchmarks/bench_decoder.py --model llama3-8b --shapes 1x128x128,2x512x256 $peers --out "$OUT/bench_llama3-8b.json" 2>&1 | tee "$OUT/bench_llama.log" ;;
-    gpt2) python benchmarks/bench_decoder.py --model gpt2 --shapes 1x128x128 --prefill 1024 $peers --out "$OUT/bench_gpt2.json" 2>&1 | tee "$OUT/bench_gpt2.log" ;;
-    bert) python benchmarks/bench_bert.py --model bert-base-uncased $peers --out "$OUT/bench_bert.json" 2>&1 | tee "$OUT/bench_bert.log" ;;
-    t5) python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee "$OUT/bench_t5.log" ;;
-    profile) python benchmarks/profile_kernels.py --model llama3-8b 2>&1 | tee "$OUT/profile.log" ;;
+}
+
+accuracy() { python benchmarks/accuracy.py --out "$OUT/accuracy.json" 2>&1 | grep -v "Writing model shards" | tee "$OUT/accuracy.log"; }
+profile() { python benchmarks/profile_kernels.py --model llama3-8b 2>&1 | tee "$OUT/profile.log"; }
+
+for stage in "$@"; do
+  echo "== $stage"
+  case "$stage" in
+    tests) run_tests ;;
+    smoke) smoke ;;
+    accuracy) accuracy ;;
+    profile) profile ;;
+    checks)
+      (smoke >/dev/null; accuracy >/dev/null; profile >/dev/null) &
+      run_tests
+      wait
+      cat "$OUT/smoke.log"; grep -E "^\||within" "$OUT/accuracy.log"; tail -3 "$OUT/profile.log" ;;
+    llama)
+      stored_peers llama3-8b
+      python benchmarks/bench_decoder.py --model llama3-8b --shapes 1x128x128,2x512x256 $peers --out "$OUT/bench_llama3-8b.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    gpt2)
+      stored_peers gpt2
+      python benchmarks/bench_decoder.py --model gpt2 --shapes 1x128x128 --prefill 1024 $peers --out "$OUT/bench_gpt2.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    bert)
+      stored_peers bert-base-uncased
+      python benchmarks/bench_bert.py --model bert-base-uncased $peers ${BERT_PEER_SHAPES:+--peer-shapes $BERT_PEER_SHAPES} --out "$OUT/bench_bert.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    t5)
+      stored_peers t5-base
+      python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
-cp benchmarks/results/*hf_peers.json "$OUT/" 2>/dev/null || true
