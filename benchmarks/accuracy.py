@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    global DEVICE  # noqa: PLW0603
+    global DEVICE
     DEVICE = args.device
 
     rows = []

@@ -77,7 +77,7 @@ def attempt(what: str, fn):
     library, say) is reported in the table as n/a instead of ending the run."""
     try:
         return fn()
-    except Exception:  # noqa: BLE001 - any failure of a peer is reported, not raised
+    except Exception:  # any failure of a peer is reported, not raised
         print(f"  {what} failed:\n{traceback.format_exc()}", flush=True)
         return None
 
