@@ -26,10 +26,9 @@ import zoo
 
 MODELS = "llama3-8b,granite-3.3-2b-instruct,gpt2,bert-base-uncased,t5-base,flan-t5-base"
 TARGET_RATIO = 1.25
-DEVICE = "cuda"  # --device cpu (with TRITON_INTERPRET=1) only checks the script itself
 
 
-def build_hf(name: str):
+def build_hf(name: str, device: str):
     import transformers
 
     entry = zoo.registry.get_entry(name)
@@ -42,7 +41,7 @@ def build_hf(name: str):
     else:
         auto = transformers.AutoModelForCausalLM
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device(device):
         model = auto.from_config(config, dtype=torch.float32)
     return model.eval(), kind
 
@@ -64,12 +63,12 @@ def outputs(kind: str, model, inputs: dict, ours: bool) -> dict[str, torch.Tenso
     return {"logits": logits}
 
 
-def make_inputs(kind: str, vocab: int, batch: int, seq: int) -> dict:
-    ids = torch.randint(0, vocab, (batch, seq), device=DEVICE)
+def make_inputs(kind: str, vocab: int, batch: int, seq: int, device: str) -> dict:
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
     if kind == "bert":
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=ids % 2)
     if kind == "t5":
-        decoder = torch.randint(0, vocab, (batch, seq // 4), device=DEVICE)
+        decoder = torch.randint(0, vocab, (batch, seq // 4), device=device)
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder)
     return dict(input_ids=ids)
 
@@ -82,12 +81,12 @@ def relative_errors(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
-def measure(name: str, batch: int, seq: int, folder: Path) -> list[dict]:
-    hf_fp32, kind = build_hf(name)
+def measure(name: str, batch: int, seq: int, folder: Path, device: str) -> list[dict]:
+    hf_fp32, kind = build_hf(name, device)
     hf_bf16 = copy.deepcopy(hf_fp32).to(torch.bfloat16)
     hf_bf16.save_pretrained(folder, max_shard_size="5GB")
-    ours = zoo.load(folder, device=DEVICE, dtype=torch.bfloat16)
-    inputs = make_inputs(kind, hf_fp32.config.vocab_size, batch, seq)
+    ours = zoo.load(folder, device=device, dtype=torch.bfloat16)
+    inputs = make_inputs(kind, hf_fp32.config.vocab_size, batch, seq, device)
     with torch.inference_mode():
         reference = outputs(kind, hf_fp32, inputs, ours=False)
         reference = {k: v.double() for k, v in reference.items()}
@@ -116,21 +115,22 @@ def main() -> None:
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--device", default="cuda", help="cpu (with TRITON_INTERPRET=1) only checks the script"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    on_gpu = args.device == "cuda"
 
     rows = []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"zoo-accuracy-{name}-") as folder:
-            rows += measure(name, args.batch, args.seq, Path(folder))
+            rows += measure(name, args.batch, args.seq, Path(folder), args.device)
         gc.collect()
-        if DEVICE == "cuda":
+        if on_gpu:
             torch.cuda.empty_cache()
 
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    device = torch.cuda.get_device_name() if on_gpu else args.device
     print(f"\nbf16 relative error against HF fp32 on {device} (lower is better)")
     print(
         "| model | output | ours (Frobenius) | HF bf16 (Frobenius) | ratio | ours (max) "

@@ -23,15 +23,19 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, attempt, fmt, gpu_tag, load_peers, measure_matmul_flops  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    attempt,
+    fmt,
+    gpu_tag,
+    load_peers,
+    measure_matmul_flops,
+    parse_shapes,
+)
 
 import zoo  # noqa: E402
 
 SHAPES = "1x16,1x128,1x512,8x128,8x512,32x128,32x512"
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
 
 
 def bench(fn) -> float:

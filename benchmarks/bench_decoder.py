@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     measure_copy_bandwidth,
     measure_matmul_flops,
     median_seconds,
+    parse_shapes,
 )
 
 import zoo  # noqa: E402
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="measure HF peers (minutes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
 
     device = torch.cuda.get_device_name()
     bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()

@@ -43,6 +43,11 @@ def median_seconds(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """'1x128,8x512' -> [(1, 128), (8, 512)] (any number of dims per shape)."""
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
 def gpu_tag() -> str:
     """File-name form of the GPU's name, e.g. 'nvidia-h200'."""
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")

@@ -366,6 +366,7 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # called per launch, from shapes only
 def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split K for skinny M when the output tiles alone would leave SMs idle (GPU only).
 
@@ -374,12 +375,7 @@ def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """
     if INTERPRET or device.type != "cuda" or m > 64:
         return 1
-    return _split_k_for(m, n, k, device.index if device.index is not None else -1)
-
-
-@functools.lru_cache(maxsize=4096)
-def _split_k_for(m: int, n: int, k: int, device_index: int) -> int:
-    num_sms = _num_sms(device_index if device_index >= 0 else torch.cuda.current_device())
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     split_k = 1
     while tiles * split_k < num_sms and k // (2 * split_k) >= 2048 and split_k < 8:
@@ -485,6 +481,7 @@ def matmul(
         return out
 
     split_k = _pick_split_k(m, n, k, x.device)
+    m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, m, n_w), dtype=torch.float32, device=x.device)
@@ -499,7 +496,7 @@ def matmul(
         m,
         n,
         k,
-        min(next_pow2(m), _M_BUCKET_CAP),
+        m_bucket,
         x2.stride(0),
         weight.stride(0),
         res2.stride(0) if res2 is not None else 0,
@@ -526,8 +523,17 @@ def matmul(
     if INTERPRET:
         _matmul_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
     else:
-        key = (args[9], n, k, act_name, fused_gate, res2 is not None, split_k, bias is not None)
-        key += (x.dtype,)
+        key = (
+            m_bucket,
+            n,
+            k,
+            act_name,
+            fused_gate,
+            res2 is not None,
+            bias is not None,
+            split_k,
+            x.dtype,
+        )
         config = _tuned_configs.get(key)
         if config is None:
             _matmul_kernel_tuned[grid](*args, **meta)

@@ -754,12 +754,11 @@ def decode_steps(
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     runner.generator.manual_seed(seed)
+    state.positions.copy_(next_positions)
     if first_logits is None:
-        state.positions.copy_(next_positions)
         runner.step()
     else:
         _record(state, runner.select(first_logits))
-        state.positions.copy_(next_positions)
     for step in range(1, max_new_tokens):
         if step % check_every == 0:
             yield state
