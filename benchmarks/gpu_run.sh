@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU runs, one stage per argument (a device call runs at most 10 minutes: pick stages to fit).
 #   tests     the whole test suite on the GPU (kernels in fp32/fp16/bf16, every family's parity),
-#             in three concurrent pytest processes
+#             in four concurrent pytest processes
 #   smoke     Llama-3-8B (random weights): load, generate 32 tokens for a batch of 2, graph == eager
 #   accuracy  bf16 error against HF fp32 at real sizes, ours vs HF bf16 (benchmarks/accuracy.py)
 #   profile   the GPU kernels of a Llama-3-8B prefill and decode step: all matmuls/attention ours
@@ -11,6 +11,7 @@
 #   bert      Bert-base forward benchmark at the 7 shapes of the targets (BERT_PEER_SHAPES=1x16,...
 #             limits which shapes PEERS=1 measures; the others come from the stored peers)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
+#   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
 # files are read from and written to $OUT too.
 #   e.g.  bash benchmarks/gpu_run.sh checks      PEERS=1 bash benchmarks/gpu_run.sh t5 gpt2
@@ -29,9 +30,10 @@ stored_peers() {  # with PEERS=1: the stored HF peer numbers of this GPU kind fo
   [ -n "$peers" ] && cp "benchmarks/results/${gpu}_$1_hf_peers.json" "$OUT/" 2>/dev/null || true
 }
 
-run_tests() {  # three pytest processes side by side; each writes $OUT/pytest_<lane>.log
+run_tests() {  # four pytest processes side by side; each writes $OUT/pytest_<lane>.log
   local groups=(
-    "tests/test_matmul.py tests/test_attention.py tests/test_decode.py tests/test_kernel_properties.py"
+    "tests/test_matmul.py tests/test_kernel_properties.py"
+    "tests/test_attention.py tests/test_decode.py"
     "tests/test_llama.py tests/test_gpt2.py tests/test_norm.py tests/test_rope.py tests/test_embedding.py tests/test_relative_bias.py"
     "$(ls tests/test_*.py | grep -v -E 'test_(matmul|attention|decode|kernel_properties|llama|gpt2|norm|rope|embedding|relative_bias)\.py' | tr '\n' ' ')"
   )
@@ -84,6 +86,8 @@ for stage in "$@"; do
     t5)
       stored_peers t5-base
       python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    kernels)
+      python benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

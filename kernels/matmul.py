@@ -18,8 +18,9 @@ Layout assumptions:
 
 On the GPU the kernel is autotuned with a bucketed key (M rounded up to a power of two, capped;
 N; K), and skinny-M problems (decode) that would leave SMs idle are split along K: fp32 partials
-go to a workspace and a small epilogue kernel sums them. Under the Triton interpreter one large
-fixed config is used and there is no split-K.
+go to a workspace and a small epilogue kernel sums them. Large-M fp16/bf16 problems (prefill,
+Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper. Under the Triton
+interpreter fixed configs are used and there is no split-K; the TMA kernel runs there too.
 """
 
 import functools
@@ -27,6 +28,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.utils import INTERPRET, check_last_dim_contiguous, dot_precision, next_pow2
 
@@ -41,7 +43,7 @@ _ACTIVATIONS = {
     "gelu_tanh_mul": ("gelu_tanh", True),  # T5 v1.1 gated-gelu: gelu_new(gate) * up
 }
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_M_BUCKET_CAP = 4096  # M above this shares one autotune entry per (N, K)
+_M_BUCKET_CAP = 16384  # M above this shares one autotune entry per (N, K)
 
 
 @triton.jit
@@ -109,6 +111,18 @@ def _epilogue(
 
 
 @triton.jit
+def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile `tile` in grouped order: GROUP_M row blocks sweep
+    the column blocks together, so the weight tiles they share stay in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr,  # [M, K], row stride x_stride_m, unit column stride
     w_ptr,  # [N, K] or fused [2N, K], row stride w_stride_n, unit column stride
@@ -138,17 +152,9 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row blocks sweep the column blocks together, so the weight tiles
-    # they share stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(
+        tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M
+    )
     pid_k = tl.program_id(1).to(tl.int64)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,6 +217,72 @@ def _matmul_kernel(
         tl.store(ws_ptrs, acc, mask=mask)
         if FUSED_GATE:
             tl.store(ws_ptrs + N, acc_up, mask=mask)
+
+
+@triton.jit
+def _matmul_tma_kernel(
+    x_desc,  # TMA descriptor of x [M, K], block [BLOCK_M, BLOCK_K]
+    w_desc,  # TMA descriptor of the weight [N or 2N, K], block [BLOCK_N, BLOCK_K]
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # autotune key only
+    res_stride_m,
+    out_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # grid size only: num_programs = PROGRAMS_PER_SM * SMs
+):
+    """Persistent variant for compute-bound shapes (fp16/bf16, Hopper): each program walks the
+    output tiles num_programs apart. TMA fetches the tiles, and out-of-bounds rows and columns
+    read as 0, so the K loop has no masks. The tile and K loops are flattened into one
+    software pipeline that prefetches the next tile's operands while this tile's epilogue runs."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            x = x_desc.load([off_m, off_k])
+            acc = tl.dot(x, w_desc.load([off_n, off_k]).T, acc)
+            if FUSED_GATE:
+                # gate rows past N read up rows (or zeros): those columns are never stored
+                acc_up = tl.dot(x, w_desc.load([N + off_n, off_k]).T, acc_up)
+        offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        _epilogue(
+            acc,
+            acc_up,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            bias_ptr,
+            res_ptr,
+            out_ptr,
+            res_stride_m,
+            out_stride_m,
+            alpha,
+            ACTIVATION,
+            HAS_BIAS,
+            HAS_RESIDUAL,
+            FUSED_GATE,
+        )
 
 
 @triton.jit
@@ -299,8 +371,26 @@ _LARGE_CONFIGS = [  # prefill, Bert: compute bound
 ]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+_INTERPRET_TMA_CONFIG = {
+    "BLOCK_M": 64,
+    "BLOCK_N": 32,
+    "BLOCK_K": 32,
+    "GROUP_M": 2,
+    "PROGRAMS_PER_SM": 1,
+}
 _TINY_WEIGHT = 1 << 18  # elements; below this every config is about as fast: skip the tuning
 _SMEM_BYTES = 224 * 1024  # Hopper allows 227 KiB of shared memory per block
+
+
+def _fits(config: triton.Config, n_acc: int, elem_bytes: int, programs: int = 1) -> bool:
+    """Whether the accumulators fit in registers and the pipelined tiles in shared memory, with
+    `programs` resident programs per SM."""
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    acc_regs = bm * bn * n_acc // (32 * config.num_warps)  # fp32 accumulators per thread
+    smem = config.num_stages * (bm * bk + bk * bn * n_acc) * elem_bytes
+    threads = 32 * config.num_warps * programs
+    # 64K registers per SM, and a thread may take up to 255 of them
+    return acc_regs <= 128 and smem * programs <= _SMEM_BYTES and threads * 255 <= 65536
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -308,7 +398,6 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     m_bucket, n, k = args["M_BUCKET"], args["N"], args["K"]
     n_acc = 2 if args["FUSED_GATE"] else 1
-    elem_bytes = args["x_ptr"].element_size()
     if m_bucket <= 16:
         bucket = _SKINNY_CONFIGS
     elif m_bucket <= 64:
@@ -317,17 +406,60 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _MEDIUM_CONFIGS + _LARGE_CONFIGS
     else:
         bucket = _LARGE_CONFIGS
-    kept = []
-    for c in bucket:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        acc_regs = bm * bn * n_acc // (32 * c.num_warps)  # fp32 accumulators per thread
-        smem = c.num_stages * (bm * bk + bk * bn * n_acc) * elem_bytes  # pipelined tiles
-        if acc_regs <= 128 and smem <= _SMEM_BYTES:
-            kept.append(c)
+    kept = [c for c in bucket if _fits(c, n_acc, args["x_ptr"].element_size())]
     kept = kept or [_FALLBACK_CONFIG]
     if n * n_acc * k <= _TINY_WEIGHT:
         kept = kept[:1]
     return kept
+
+
+def _set_tma_blocks(nargs):
+    """A config's tile shape is the TMA descriptors' block shape (set before each launch)."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_config(
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    num_stages: int,
+    num_warps: int,
+    programs_per_sm: int = 1,
+) -> triton.Config:
+    meta = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "GROUP_M": 8,
+        "PROGRAMS_PER_SM": programs_per_sm,
+    }
+    return triton.Config(meta, num_stages=num_stages, num_warps=num_warps, pre_hook=_set_tma_blocks)
+
+
+_TMA_CONFIGS = [  # persistent TMA kernel, M > _TMA_MIN_M_BUCKET, fp16/bf16
+    _tma_config(128, 256, 64, 3, 8),
+    _tma_config(128, 256, 64, 4, 8),
+    _tma_config(256, 128, 64, 3, 8),
+    _tma_config(128, 128, 64, 4, 8),
+    _tma_config(128, 128, 64, 4, 4),
+    _tma_config(128, 64, 64, 4, 4),
+    _tma_config(64, 256, 64, 4, 4),
+    # two programs per SM: one runs its epilogue while the other keeps the tensor cores busy
+    _tma_config(128, 128, 64, 3, 4, 2),
+    _tma_config(128, 64, 64, 4, 4, 2),
+    _tma_config(64, 128, 64, 4, 4, 2),
+]
+_TMA_MIN_M_BUCKET = 256  # M buckets above this take the TMA kernel where it is available
+_INTERPRET_TMA_PROGRAMS = 2  # the interpreter's persistent programs: each walks several tiles
+
+
+def _prune_tma_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    n_acc = 2 if args["FUSED_GATE"] else 1
+    elem_bytes = args["out_ptr"].element_size()
+    kept = [c for c in configs if _fits(c, n_acc, elem_bytes, programs=c.kwargs["PROGRAMS_PER_SM"])]
+    return kept or [_tma_config(64, 64, 64, 2, 4)]
 
 
 def _bench_cudagraph(kernel_call, quantiles):
@@ -356,6 +488,18 @@ _matmul_kernel_tuned = (
     )(_matmul_kernel)
 )
 
+_matmul_tma_kernel_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(
+        configs=_TMA_CONFIGS,
+        key=["M_BUCKET", "N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL"],
+        prune_configs_by={"early_config_prune": _prune_tma_configs},
+        restore_value=["out_ptr"],
+        do_bench=_bench_cudagraph,
+    )(_matmul_tma_kernel)
+)
+
 # The config the autotuner chose per key, to launch without its per-call dispatch (tens of
 # microseconds, as much as a decode-sized kernel runs).
 _tuned_configs: dict[tuple, triton.Config] = {}
@@ -366,19 +510,38 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
+    """Large-M fp16/bf16 problems on Hopper (and under the interpreter), when TMA can address
+    both operands: 16-byte aligned bases and row strides."""
+    if x2.dtype == torch.float32 or m_bucket <= _TMA_MIN_M_BUCKET:
+        return False
+    if not (INTERPRET or _has_tma(x2.device)):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x2, weight)
+    )
+
+
 @functools.lru_cache(maxsize=4096)  # called per launch, from shapes only
 def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split K for skinny M when the output tiles alone would leave SMs idle (GPU only).
 
-    Tuned on an H200 in bf16 (Llama-3-8B projections, M = 1..64): a split pays while each slice
-    keeps >= 2048 of K; beyond that the fp32 partials cost more than the extra programs bring.
+    Tuned on an H200 in bf16 (Llama-3-8B projections at M = 1..64, Bert-base at M = 16..512):
+    a split pays while each slice keeps >= 768 of K (Bert's K = 3072 down projection at M = 128:
+    10.1 us unsplit, 7.6 us in 4 slices); beyond that the fp32 partials cost more than the extra
+    programs bring. Above M = 256 the output tiles alone fill the GPU.
     """
-    if INTERPRET or device.type != "cuda" or m > 64:
+    if INTERPRET or device.type != "cuda" or m > 256:
         return 1
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     split_k = 1
-    while tiles * split_k < num_sms and k // (2 * split_k) >= 2048 and split_k < 8:
+    while tiles * split_k < num_sms and k // (2 * split_k) >= 768 and split_k < 8:
         split_k *= 2
     return split_k
 
@@ -408,6 +571,65 @@ def _as_rows(name: str, t: torch.Tensor, n_cols: int, *, view_only: bool) -> tor
             check_last_dim_contiguous(name, rows)
         rows = rows.contiguous()
     return rows
+
+
+def _matmul_tma(x2, weight, bias, res2, out2, m_bucket, alpha, act_name, fused_gate):
+    """Launch the persistent TMA kernel on 2D operands (checked by the caller)."""
+    (m, k), n = x2.shape, out2.shape[1]
+    dummy = out2  # stands in for absent pointers; never read (constexpr-disabled)
+    # block shapes are placeholders until a config sets them (_set_tma_blocks)
+    x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [16, 16])
+    w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [16, 16])
+    args = (
+        x_desc,
+        w_desc,
+        bias if bias is not None else dummy,
+        res2 if res2 is not None else dummy,
+        out2,
+        m,
+        n,
+        k,
+        m_bucket,
+        res2.stride(0) if res2 is not None else 0,
+        out2.stride(0),
+        alpha,
+    )
+    meta = {
+        "ACTIVATION": act_name,
+        "HAS_BIAS": bias is not None,
+        "HAS_RESIDUAL": res2 is not None,
+        "FUSED_GATE": fused_gate,
+    }
+    if INTERPRET:
+        config = _INTERPRET_TMA_CONFIG
+        _set_tma_blocks({"x_desc": x_desc, "w_desc": w_desc, **config})
+        _matmul_tma_kernel[(_INTERPRET_TMA_PROGRAMS,)](*args, **meta, **config)
+        return
+    device = x2.device
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+    def grid(launch_meta):
+        tiles = triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"])
+        return (min(num_sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
+
+    key = (
+        "tma",
+        m_bucket,
+        n,
+        k,
+        act_name,
+        fused_gate,
+        res2 is not None,
+        bias is not None,
+        x2.dtype,
+    )
+    config = _tuned_configs.get(key)
+    if config is None:
+        _matmul_tma_kernel_tuned[grid](*args, **meta)
+        _tuned_configs[key] = _matmul_tma_kernel_tuned.best_config
+    else:
+        _set_tma_blocks({"x_desc": x_desc, "w_desc": w_desc, **config.kwargs})
+        _matmul_tma_kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
 
 def matmul(
@@ -482,6 +704,9 @@ def matmul(
 
     split_k = _pick_split_k(m, n, k, x.device)
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
+    if split_k == 1 and _takes_tma(x2, weight, m_bucket):
+        _matmul_tma(x2, weight, bias, res2, out2, m_bucket, float(alpha), act_name, fused_gate)
+        return out
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, m, n_w), dtype=torch.float32, device=x.device)

@@ -135,6 +135,34 @@ def test_split_k(monkeypatch, activation, k, split_k):
     )
 
 
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize(
+    "activation, n_w, k, has_bias, has_residual",
+    [(None, 70, 72, True, False), ("silu_mul", 74, 40, False, True), ("gelu", 100, 48, True, True)],
+)
+def test_tma_kernel(dtype, activation, n_w, k, has_bias, has_residual):
+    """Large-M fp16/bf16 problems take the persistent TMA kernel (on Hopper and under the
+    interpreter): ragged M, N and K tiles read as zeros past the edges; gate rows past N."""
+    m = 300
+    x, w = rand(m, k, dtype=dtype), rand(n_w, k, dtype=dtype)
+    if not (mm.INTERPRET or mm._has_tma(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    assert mm._takes_tma(x, w, mm.next_pow2(m))
+    b = rand(n_w, dtype=dtype) if has_bias else None
+    n = n_w // 2 if activation == "silu_mul" else n_w
+    res = rand(m, n, dtype=dtype) if has_residual else None
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    expected = reference(x, w, b, activation, res, 0.5)
+    assert_close(y, expected, TOL[dtype], f"TMA matmul {m}x{n_w}x{k} {activation}")
+
+
+def test_tma_needs_aligned_rows():
+    """A row stride TMA cannot address (K = 36 halves: 72 bytes) takes the pointer kernel."""
+    x, w = rand(300, 36, dtype=torch.float16), rand(40, 36, dtype=torch.float16)
+    assert not mm._takes_tma(x, w, 512)
+    assert_close(matmul(x, w), reference(x, w), TOL[torch.float16], "unaligned rows")
+
+
 def test_empty_rows():
     y = matmul(rand(0, 16), rand(8, 16))
     assert y.shape == (0, 8)

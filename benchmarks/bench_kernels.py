@@ -1,0 +1,184 @@
+"""Kernel benchmark on the GPU: our matmul and attention against cuBLAS and SDPA at model shapes.
+
+Each case runs in a CUDA graph (triton.testing.do_bench_cudagraph), so launch overhead does not
+count: this measures the kernels alone. The matmul peer is torch.nn.functional.linear (cuBLAS,
+bias fused, no activation or residual), ours runs the model's full epilogue; attention's peer is
+scaled_dot_product_attention (flash) in its native [B, H, T, D] layout, ours reads the
+[B, T, H, D] views the models pass. `--paths` also times our matmul with the TMA kernel turned
+off, and `--configs` prints the autotuner's time per tile config.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import measure_matmul_flops  # noqa: E402
+
+import kernels.attention as attention_module  # noqa: E402
+import kernels.matmul as matmul_module  # noqa: E402
+
+# (label, M, weight rows, K, activation, bias, residual): the projections of one layer
+MATMULS = [
+    *[
+        case
+        for tokens, shape in ((1024, "8x128"), (4096, "32x128"), (16384, "32x512"))
+        for case in (
+            (f"bert {shape} qkv", tokens, 2304, 768, None, True, False),
+            (f"bert {shape} out", tokens, 768, 768, None, True, True),
+            (f"bert {shape} up", tokens, 3072, 768, "gelu", True, False),
+            (f"bert {shape} down", tokens, 768, 3072, None, True, True),
+        )
+    ],
+    ("llama3-8b 1x2048 qkv", 2048, 6144, 4096, None, False, False),
+    ("llama3-8b 1x2048 o", 2048, 4096, 4096, None, False, True),
+    ("llama3-8b 1x2048 gate-up", 2048, 28672, 4096, "silu_mul", False, False),
+    ("llama3-8b 1x2048 down", 2048, 4096, 14336, None, False, True),
+]
+# (label, batch, seq, heads, head dim, causal)
+ATTENTIONS = [
+    ("bert 8x128", 8, 128, 12, 64, False),
+    ("bert 32x128", 32, 128, 12, 64, False),
+    ("bert 8x512", 8, 512, 12, 64, False),
+    ("bert 32x512", 32, 512, 12, 64, False),
+    ("llama3-8b 1x2048", 1, 2048, 32, 128, True),
+]
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def tuned_timings(tuner) -> str:
+    timings = getattr(tuner, "configs_timings", None) or {}
+    rows = sorted(timings.items(), key=lambda item: item[1][0] if item[1] else float("inf"))
+    return "; ".join(
+        f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs.get('BLOCK_K', '')}"
+        f" w{c.num_warps} s{c.num_stages}: {t[0] * 1e3:.1f}us"
+        for c, t in rows
+    )
+
+
+def matmul_case(case, paths: bool, configs: bool) -> dict:
+    label, m, n_w, k, activation, has_bias, has_residual = case
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    w = torch.randn(n_w, k, device=dev, dtype=dt) / k**0.5
+    b = torch.randn(n_w, device=dev, dtype=dt) if has_bias else None
+    n = n_w // 2 if activation in ("silu_mul", "gelu_tanh_mul") else n_w
+    res = torch.randn(m, n, device=dev, dtype=dt) if has_residual else None
+    flops = 2 * m * n_w * k
+    row = {"case": label, "M": m, "N": n_w, "K": k}
+    row["cublas_us"] = 1e3 * bench(lambda: F.linear(x, w, b))
+
+    def ours():
+        return matmul_module.matmul(x, w, b, activation=activation, residual=res)
+
+    ours()
+    if configs:
+        print(f"  {label} TMA: {tuned_timings(matmul_module._matmul_tma_kernel_tuned)}")
+    row["ours_us"] = 1e3 * bench(ours)
+    if paths:
+        saved = matmul_module._TMA_MIN_M_BUCKET
+        matmul_module._TMA_MIN_M_BUCKET = 1 << 30
+        try:
+            ours()
+            if configs:
+                print(f"  {label} pointer: {tuned_timings(matmul_module._matmul_kernel_tuned)}")
+            row["pointer_us"] = 1e3 * bench(ours)
+        finally:
+            matmul_module._TMA_MIN_M_BUCKET = saved
+    row["ours_tflops"] = flops / (row["ours_us"] * 1e-6) / 1e12
+    row["cublas_tflops"] = flops / (row["cublas_us"] * 1e-6) / 1e12
+    return row
+
+
+def attention_case(case, configs: bool) -> dict:
+    label, batch, seq, heads, head_dim, causal = case
+    dev, dt = "cuda", torch.bfloat16
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device=dev, dtype=dt)
+    q, k, v = qkv.unbind(2)  # [B, T, H, D] views of a fused QKV output, as the models pass
+    scale = head_dim**-0.5
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    flops = 4 * batch * heads * seq * seq * head_dim // (2 if causal else 1)
+    row = {"case": label}
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        row["sdpa_us"] = 1e3 * bench(
+            lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+        )
+
+    def ours():
+        return attention_module.attention(q, k, v, causal=causal, scale=scale)
+
+    ours()
+    if configs:
+        print(f"  {label}: {tuned_timings(attention_module._attn_fwd)}")
+    row["ours_us"] = 1e3 * bench(ours)
+    row["ours_tflops"] = flops / (row["ours_us"] * 1e-6) / 1e12
+    row["sdpa_tflops"] = flops / (row["sdpa_us"] * 1e-6) / 1e12
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", action="store_true", help="also time the pointer kernel")
+    parser.add_argument("--configs", action="store_true", help="print autotune timings")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    peak = measure_matmul_flops()
+    print(f"{device}: bf16 matmul {peak / 1e12:.0f} TFLOP/s (8192^3, cuBLAS)")
+
+    matmuls = [matmul_case(case, args.paths, args.configs) for case in MATMULS]
+    print(
+        "\n| matmul (bf16) | M x N x K | cuBLAS us | ours us | ours / cuBLAS speed |"
+        + (" pointer kernel us |" if args.paths else "")
+        + " ours TFLOP/s |"
+    )
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if args.paths else "") + " --- |")
+    for r in matmuls:
+        pointer = f" {r['pointer_us']:.1f} |" if args.paths else ""
+        print(
+            f"| {r['case']} | {r['M']}x{r['N']}x{r['K']} | {r['cublas_us']:.1f} "
+            f"| {r['ours_us']:.1f} | {r['cublas_us'] / r['ours_us']:.2f}x |{pointer} "
+            f"{r['ours_tflops']:.0f} |"
+        )
+
+    attentions = [attention_case(case, args.configs) for case in ATTENTIONS]
+    print("\n| attention (bf16) | SDPA flash us | ours us | ours / SDPA speed | ours TFLOP/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in attentions:
+        print(
+            f"| {r['case']} | {r['sdpa_us']:.1f} | {r['ours_us']:.1f} "
+            f"| {r['sdpa_us'] / r['ours_us']:.2f}x | {r['ours_tflops']:.0f} |"
+        )
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "torch": torch.__version__,
+                    "triton": triton.__version__,
+                    "bf16_matmul_flops": peak,
+                    "matmul": matmuls,
+                    "attention": attentions,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
