@@ -163,18 +163,24 @@ def test_repetition_penalty_and_sampling_options(checkpoint):
     assert torch.equal(top1, greedy)
 
 
-@pytest.mark.parametrize("checkpoint", ["t5-v1.0"], indirect=True)  # one case is enough
-def test_text_generation_uses_the_tokenizer(checkpoint):
-    _, model, _ = checkpoint
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the tiny vocabulary: <pad>, </s>, then w2, w3, ..."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    words = ["<pad>", "</s>"] + [f"w{i}" for i in range(2, model.config.vocab_size)]
+    words = ["<pad>", "</s>"] + [f"w{i}" for i in range(2, vocab_size)]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w2"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", 1)]
     )
     tokenizer.add_special_tokens(["<pad>", "</s>"])
+    return tokenizer
+
+
+@pytest.mark.parametrize("checkpoint", ["t5-v1.0"], indirect=True)  # one case is enough
+def test_text_generation_uses_the_tokenizer(checkpoint):
+    _, model, _ = checkpoint
+    tokenizer = word_tokenizer(model.config.vocab_size)
     model.tokenizer = tokenizer
     try:
         texts = model.generate(["w5 w9 w33 w2", "w7 w8"], max_new_tokens=4, eos_token_id=[])
@@ -186,6 +192,49 @@ def test_text_generation_uses_the_tokenizer(checkpoint):
         model.tokenizer = None
     assert texts == tokenizer.decode_batch(expected[:, 1:].tolist(), skip_special_tokens=True)
     assert all(len(t.split()) > 0 for t in texts)
+
+
+@pytest.mark.parametrize("checkpoint", ["t5-v1.0"], indirect=True)
+def test_stop_strings_and_streaming(checkpoint):
+    _, model, _ = checkpoint
+    model.tokenizer = tokenizer = word_tokenizer(model.config.vocab_size)
+    prompts = ["w5 w9 w33 w2", "w7 w8"]
+    kwargs = dict(max_new_tokens=10, eos_token_id=[])
+    try:
+        free = model.generate(prompts, **kwargs)
+        stop = " ".join(free[1].split()[5:7])  # two words that row 1 writes by its 7th token
+        texts = model.generate(prompts, stop=["zzz", stop], **kwargs)
+        assert texts == [t[: t.find(stop)] if stop in t else t for t in free]
+        assert texts[1] != free[1]
+
+        # token ids: a row keeps its ids up to the one completing the stop string, then pads
+        ids, mask = right_padded_batch(model.config.vocab_size, [5, 3])
+        ids[0, :5] = torch.tensor([5, 9, 33, 2, 1])
+        ids[1, :3] = torch.tensor([7, 8, 1])
+        free_ids = model.generate(ids, attention_mask=mask, **kwargs)[:, 1:].tolist()
+        out = model.generate(ids, attention_mask=mask, stop=stop, **kwargs)[:, 1:].tolist()
+        pad = model.config.pad_token_id
+        for row, free_row in zip(out, free_ids, strict=True):
+            kept = row[: next((i for i, t in enumerate(row) if t == pad), len(row))]
+            assert kept == free_row[: len(kept)] and set(row[len(kept) :]) <= {pad}
+            if stop in tokenizer.decode(free_row):
+                assert stop in tokenizer.decode(kept) and stop not in tokenizer.decode(kept[:-1])
+            else:
+                assert kept == free_row
+
+        # streaming: the pieces join to the text generate returns, word by word
+        for prompt, stops in ((prompts[0], None), (prompts[1], stop)):
+            text = model.generate(prompt, stop=stops, **kwargs)
+            stream = model.generate(prompt, stop=stops, stream=True, **kwargs)
+            pieces = list(stream)
+            assert "".join(pieces) == text == stream.text
+            assert len(pieces) > 1 or len(stream.tokens) <= 1
+        with pytest.raises(ValueError, match="stream=True streams text"):
+            model.generate(ids, attention_mask=mask, stream=True)
+        with pytest.raises(ValueError, match="stream=True takes one prompt"):
+            model.generate(prompts, stream=True)
+    finally:
+        model.tokenizer = None
 
 
 def test_encoder_mask_must_be_right_padded(checkpoint):

@@ -9,7 +9,7 @@ the device only every few steps to see whether every row has finished. The eager
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -312,17 +312,7 @@ class DecoderOnlyLM(nn.Module):
         run = self._decode_states(input_ids, attention_mask, max_new_tokens, **options)
         if run is None:  # max_new_tokens == 0
             return input_ids.clone()
-        rows = (
-            TextRows(self._require_tokenizer("stop strings"), len(input_ids), run.eos, stops)
-            if stops
-            else None
-        )
-        for state in run.states:
-            if rows is not None:
-                rows.update(state)
-        generated = generated_tokens(state)
-        if rows is not None:
-            generated = rows.trim_ids(generated, run.pad_token_id)
+        generated = run_tokens(self, run, len(input_ids), stops)
         return torch.cat([input_ids, generated.to(input_ids.dtype)], dim=1)
 
     @torch.inference_mode()
@@ -356,7 +346,7 @@ class DecoderOnlyLM(nn.Module):
         context leaves after the prompt, at most CHAT_MAX_NEW_TOKENS. Other keywords as in
         generate.
         """
-        tokenizer = self._require_tokenizer()
+        tokenizer = require_tokenizer(self)
         if not hasattr(tokenizer, "apply_chat_template"):
             raise ValueError("chat needs a zoo.tokenizer.Tokenizer (with the chat template)")
         if isinstance(messages, str):
@@ -384,14 +374,9 @@ class DecoderOnlyLM(nn.Module):
         )
         return self._generate_text([ids], True, max_new_tokens, stop_strings(stop), stream, options)
 
-    def _require_tokenizer(self, what: str = "text prompts"):
-        if self.tokenizer is None:
-            raise ValueError(f"{what} need a tokenizer (tokenizer.json beside the checkpoint)")
-        return self.tokenizer
-
     def _encode_prompts(self, prompts: str | list[str]) -> list[list[int]]:
         texts = check_prompts(prompts)
-        tokenizer = self._require_tokenizer()
+        tokenizer = require_tokenizer(self)
         encoded = [tokenizer.encode(t).ids for t in texts]
         if not all(encoded):
             raise ValueError("prompt: a prompt encodes to no tokens")
@@ -407,7 +392,6 @@ class DecoderOnlyLM(nn.Module):
         options: dict,
     ) -> str | list[str] | TextStream:
         """Text (or a TextStream) of the continuations of a batch of prompts' token ids."""
-        tokenizer = self._require_tokenizer()
         longest = max(len(e) for e in encoded)
         ids = torch.zeros(len(encoded), longest, dtype=torch.int64)
         mask = torch.zeros(len(encoded), longest, dtype=torch.int64)
@@ -415,18 +399,16 @@ class DecoderOnlyLM(nn.Module):
             ids[row, longest - len(tokens) :] = torch.tensor(tokens)
             mask[row, longest - len(tokens) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        if stream:
-            if not single:
-                raise ValueError("stream=True takes one prompt (a str), not a list")
-            # a decode step per check: every new token is looked at as soon as it exists
-            run = self._decode_states(ids, mask, max_new_tokens, check_every=1, **options)
-            return TextStream(self, tokenizer, run, stops)
-        run = self._decode_states(ids, mask, max_new_tokens, **options)
-        rows = TextRows(tokenizer, len(encoded), run.eos if run else (), stops)
-        if run is not None:
-            for state in run.states:
-                rows.update(state)
-        return rows.text[0] if single else rows.text
+        return run_text(
+            self,
+            lambda check_every: self._decode_states(
+                ids, mask, max_new_tokens, check_every, **options
+            ),
+            len(encoded),
+            single,
+            stops,
+            stream,
+        )
 
     def _decode_states(
         self,
@@ -509,6 +491,51 @@ def check_prompts(prompts: str | list[str]) -> list[str]:
             f"str prompts; got a list holding {type(bad).__name__}"
         )
     return texts
+
+
+def require_tokenizer(model, what: str = "text prompts"):
+    if model.tokenizer is None:
+        raise ValueError(f"{what} need a tokenizer (tokenizer.json beside the checkpoint)")
+    return model.tokenizer
+
+
+def run_tokens(model, run: DecodeRun, batch: int, stops: tuple[str, ...]) -> torch.Tensor:
+    """The new tokens [B, n] of a run. With stop strings, a row that meets one keeps its ids up
+    to the token completing it, then pads (as HF's stop_strings)."""
+    rows = (
+        TextRows(require_tokenizer(model, "stop strings"), batch, run.eos, stops) if stops else None
+    )
+    for state in run.states:
+        if rows is not None:
+            rows.update(state)
+    generated = generated_tokens(state)
+    if rows is not None:
+        generated = rows.trim_ids(generated, run.pad_token_id)
+    return generated
+
+
+def run_text(
+    model,
+    start_run: Callable[[int], DecodeRun | None],
+    batch: int,
+    single: bool,
+    stops: tuple[str, ...],
+    stream: bool,
+) -> str | list[str] | TextStream:
+    """The text of a generation (a str for one prompt, else a list), or a TextStream of it.
+    start_run(check_every) checks the arguments and returns the run (None: no new tokens)."""
+    tokenizer = require_tokenizer(model)
+    if stream:
+        if not single:
+            raise ValueError("stream=True takes one prompt (a str), not a list")
+        # a decode step per check: every new token is looked at as soon as it exists
+        return TextStream(model, tokenizer, start_run(1), stops)
+    run = start_run(STOP_CHECK_INTERVAL)
+    rows = TextRows(tokenizer, batch, run.eos if run else (), stops)
+    if run is not None:
+        for state in run.states:
+            rows.update(state)
+    return rows.text[0] if single else rows.text
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -708,27 +735,6 @@ def decode_runner(
     return runner
 
 
-def decode(
-    runner: DecodeRunner,
-    first_logits: torch.Tensor | None,
-    next_positions: torch.Tensor,
-    max_new_tokens: int,
-    prompt_ids: torch.Tensor | None = None,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """New tokens [B, n <= max_new_tokens] after a prefill whose last logits are first_logits
-    [B, V]; the runner's cache holds the prompt. first_logits=None: the first token is itself a
-    decode step of the runner's state.tokens (set by the caller; T5's decoder start token), so
-    it runs in the CUDA graph too. next_positions [B, 1]: the first decode position;
-    prompt_ids [B, T]: the tokens the repetition penalty counts as seen (pads included, as in HF).
-    Callers that look at the tokens while they are produced (stop strings, streaming) iterate
-    decode_steps instead.
-    """
-    for _ in decode_steps(runner, first_logits, next_positions, max_new_tokens, prompt_ids, seed):
-        pass
-    return generated_tokens(runner.state)
-
-
 def decode_steps(
     runner: DecodeRunner,
     first_logits: torch.Tensor | None,
@@ -738,9 +744,16 @@ def decode_steps(
     seed: int | None = None,
     check_every: int = STOP_CHECK_INTERVAL,
 ) -> Iterator[DecodeState]:
-    """decode() as a generator: yields the state every check_every steps (the caller may mark
-    rows finished before the loop looks at them) and once more at the end. Streaming reads the
-    new tokens between steps this way, without threads."""
+    """Decode up to max_new_tokens tokens after a prefill whose last logits are first_logits
+    [B, V]; the runner's cache holds the prompt. first_logits=None: the first token is itself a
+    decode step of the runner's state.tokens (set by the caller; T5's decoder start token), so
+    it runs in the CUDA graph too. next_positions [B, 1]: the first decode position; prompt_ids
+    [B, T]: the tokens the repetition penalty counts as seen (pads included, as in HF).
+
+    A generator: yields the state every check_every steps (the caller may mark rows finished
+    before the loop looks at them: stop strings) and once more at the end, when
+    generated_tokens(state) holds the new tokens. Streaming reads the new tokens between steps
+    this way, without threads."""
     if not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every: expected an int >= 1, got {check_every!r}")
     state = runner.state

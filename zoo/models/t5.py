@@ -16,6 +16,7 @@ gelu_tanh(wi_0 x) * wi_1 x, one fused gate-up matmul). bf16 is the GPU default: 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +30,22 @@ from kernels.relative_bias import relative_position_bias
 from kernels.rope import rope_cache_write
 from zoo.cache import KVCache
 from zoo.generation import (
+    STOP_CHECK_INTERVAL,
+    DecodeRun,
+    DecodeState,
     SamplingParams,
+    TextStream,
     check_attention_mask,
     check_cuda_graph,
     check_input_ids,
     check_prompts,
-    decode,
     decode_runner,
+    decode_steps,
+    require_tokenizer,
+    run_text,
+    run_tokens,
     stop_ids,
+    stop_strings,
 )
 from zoo.layers import Linear, RMSNorm, init_random_
 
@@ -494,8 +503,10 @@ class T5(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         decoder_start_token_id: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
         cuda_graph: bool | None = None,
-    ) -> torch.Tensor | str | list[str]:
+    ) -> torch.Tensor | str | list[str] | TextStream:
         """Decode a right-padded encoder batch [B, T]: returns decoder ids [B, 1 + n] that start
         with decoder_start_token_id, as HF's generate does.
 
@@ -506,10 +517,15 @@ class T5(nn.Module):
         Rows stop at any EOS id (default: generation_config.json, else config.json) and are then
         padded with pad_token_id; generation ends when every row has finished or after
         max_new_tokens. On CUDA the decode step is replayed from a CUDA graph unless
-        cuda_graph=False. A str (or list of str) is encoded with the checkpoint's tokenizer and
-        the decoded text is returned (str or list).
+        cuda_graph=False.
+
+        A str (or list of str) is encoded with the checkpoint's tokenizer and the decoded text is
+        returned (str or list). stop: strings that end a row; the text ends just before the first
+        one (with token ids, the row keeps the tokens up to the one completing the stop string,
+        then pads). stream=True (one str prompt) returns a TextStream of the text pieces as they
+        are produced; joined, they equal the text stream=False returns.
         """
-        kwargs = dict(
+        options = dict(
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
@@ -521,8 +537,42 @@ class T5(nn.Module):
             decoder_start_token_id=decoder_start_token_id,
             cuda_graph=cuda_graph,
         )
+        stops = stop_strings(stop)
         if isinstance(input_ids, str | list):
-            return self._generate_text(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+            if attention_mask is not None:
+                raise ValueError(
+                    "attention_mask: only with token ids (text prompts are padded here)"
+                )
+            return self._generate_text(input_ids, max_new_tokens, stops, stream, options)
+        if stream:
+            raise ValueError("stream=True streams text: pass a str prompt, not token ids")
+        start, run = self._decode_states(input_ids, attention_mask, max_new_tokens, **options)
+        if run is None:  # max_new_tokens == 0
+            return start
+        generated = run_tokens(self, run, len(start), stops)
+        return torch.cat([start, generated.to(input_ids.dtype)], dim=1)
+
+    def _decode_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        check_every: int = STOP_CHECK_INTERVAL,
+        *,
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        repetition_penalty: float,
+        seed: int | None,
+        eos_token_id: int | list[int] | None,
+        pad_token_id: int | None,
+        decoder_start_token_id: int | None,
+        cuda_graph: bool | None,
+    ) -> tuple[torch.Tensor, DecodeRun | None]:
+        """Check the arguments now; returns the decoder start ids [B, 1] and a run whose
+        `states` encodes on its first step, then yields the decode state every check_every steps
+        and at the end (see decode_steps). The run is None when max_new_tokens == 0."""
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
@@ -530,37 +580,57 @@ class T5(nn.Module):
         lengths = right_padding_lengths(attention_mask, input_ids)
         start_id = self.decoder_start_token_id(decoder_start_token_id)
         check_cuda_graph(cuda_graph, self.device)
+        open_stream = self.__dict__.pop("_open_stream", lambda: None)()
+        if open_stream is not None:  # it shares the decode buffers: end it
+            open_stream.close()
         batch, seq = input_ids.shape
         start = torch.full((batch, 1), start_id, dtype=input_ids.dtype, device=input_ids.device)
         if max_new_tokens == 0:
-            return start
+            return start, None
         eos, pad_token_id = stop_ids(self, eos_token_id, pad_token_id)
         encoder_length = -(-seq // ENCODER_LENGTH_BUCKET) * ENCODER_LENGTH_BUCKET
-        runner = decode_runner(
-            self,
-            batch,
-            1 + max_new_tokens,
-            max_new_tokens,
-            cuda_graph,
-            eos,
-            pad_token_id,
-            cache_kwargs={"encoder_length": encoder_length},
-            sampling=sampling,
-        )
-        runner.cache.reset()
-        self.encode_into(runner.cache, input_ids, lengths)
-        # the first decoder step (the start token) is a decode step like the others: the runner
-        # runs it (from its CUDA graph once captured)
-        runner.state.tokens.copy_(start)
-        positions = torch.zeros(batch, 1, dtype=torch.int64, device=input_ids.device)  # unused
-        generated = decode(runner, None, positions, max_new_tokens, start.long(), seed)
-        return torch.cat([start, generated.to(input_ids.dtype)], dim=1)
 
-    def _generate_text(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        def states() -> Iterator[DecodeState]:
+            runner = decode_runner(
+                self,
+                batch,
+                1 + max_new_tokens,
+                max_new_tokens,
+                cuda_graph,
+                eos,
+                pad_token_id,
+                cache_kwargs={"encoder_length": encoder_length},
+                sampling=sampling,
+            )
+            runner.cache.reset()
+            self.encode_into(runner.cache, input_ids, lengths)
+            # the first decoder step (the start token) is a decode step like the others: the
+            # runner runs it (from its CUDA graph once captured)
+            runner.state.tokens.copy_(start)
+            positions = torch.zeros(batch, 1, dtype=torch.int64, device=input_ids.device)
+            yield from decode_steps(
+                runner,
+                None,
+                positions,  # unused: T5 has relative positions, the cache knows the step
+                max_new_tokens,
+                start.long(),
+                seed,
+                check_every=check_every,
+            )
+
+        return start, DecodeRun(states(), eos, pad_token_id)
+
+    def _generate_text(
+        self,
+        prompts: str | list[str],
+        max_new_tokens: int,
+        stops: tuple[str, ...],
+        stream: bool,
+        options: dict,
+    ) -> str | list[str] | TextStream:
+        """Text (or a TextStream) of the outputs for a batch of prompts."""
         texts = check_prompts(prompts)
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer (tokenizer.json beside the checkpoint)")
-        encoded = [self.tokenizer.encode(t).ids for t in texts]
+        encoded = [require_tokenizer(self).encode(t).ids for t in texts]
         if not all(encoded):
             raise ValueError("prompt: a prompt encodes to no tokens")
         longest = max(len(e) for e in encoded)
@@ -570,9 +640,17 @@ class T5(nn.Module):
         for row, tokens in enumerate(encoded):  # right padding
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
-        out = self.generate(ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-        decoded = self.tokenizer.decode_batch(out[:, 1:].tolist(), skip_special_tokens=True)
-        return decoded[0] if isinstance(prompts, str) else decoded
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return run_text(
+            self,
+            lambda check_every: self._decode_states(
+                ids, mask, max_new_tokens, check_every, **options
+            )[1],
+            len(texts),
+            isinstance(prompts, str),
+            stops,
+            stream,
+        )
 
 
 def right_padding_lengths(
