@@ -17,10 +17,10 @@ import copy
 import gc
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import write_result
 
 import zoo
 
@@ -150,17 +150,7 @@ def main() -> None:
         "error (Frobenius norm)"
     )
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "device": device,
-                    "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        write_result(args.out, device, rows=rows)
 
 
 if __name__ == "__main__":

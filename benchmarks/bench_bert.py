@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     load_peers,
     measure_matmul_flops,
     parse_shapes,
+    write_result,
 )
 
 import zoo  # noqa: E402
@@ -161,20 +162,7 @@ def main() -> None:
             f"| {vs_eager} | {r['tflops']:.0f} ({100 * r['tflops'] * 1e12 / peak:.0f}%) |"
         )
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "device": device,
-                    "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__,
-                    "triton": triton.__version__,
-                    "bf16_matmul_flops": peak,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        write_result(args.out, device, model=args.model, bf16_matmul_flops=peak, rows=rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
@@ -37,6 +36,7 @@ from common import (  # noqa: E402
     measure_matmul_flops,
     median_seconds,
     parse_shapes,
+    write_result,
 )
 
 import zoo  # noqa: E402
@@ -192,24 +192,17 @@ def main() -> None:
         f"{fmt(hf_prefill)} ms; first generate (compile + autotune + capture) {warmup_s:.1f} s"
     )
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "device": device,
-                    "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__,
-                    "triton": triton.__version__,
-                    "copy_bandwidth_Bps": bandwidth,
-                    "bf16_matmul_flops": flops,
-                    "prefill_tokens": args.prefill,
-                    "ours_prefill_ms": prefill_ms,
-                    "hf_eager_prefill_ms": hf_prefill,
-                    "warmup_s": warmup_s,
-                    "rows": rows,
-                },
-                indent=2,
-            )
+        write_result(
+            args.out,
+            device,
+            model=args.model,
+            copy_bandwidth_Bps=bandwidth,
+            bf16_matmul_flops=flops,
+            prefill_tokens=args.prefill,
+            ours_prefill_ms=prefill_ms,
+            hf_eager_prefill_ms=hf_prefill,
+            warmup_s=warmup_s,
+            rows=rows,
         )
 
 

@@ -13,9 +13,7 @@ off, and `--configs` prints the autotuner's time per tile config.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import measure_matmul_flops  # noqa: E402
+from common import measure_matmul_flops, write_result  # noqa: E402
 
 import kernels.attention as attention_module  # noqa: E402
 import kernels.matmul as matmul_module  # noqa: E402
@@ -164,20 +162,7 @@ def main() -> None:
             f"| {r['sdpa_us'] / r['ours_us']:.2f}x | {r['ours_tflops']:.0f} |"
         )
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "device": device,
-                    "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__,
-                    "triton": triton.__version__,
-                    "bf16_matmul_flops": peak,
-                    "matmul": matmuls,
-                    "attention": attentions,
-                },
-                indent=2,
-            )
-        )
+        write_result(args.out, device, bf16_matmul_flops=peak, matmul=matmuls, attention=attentions)
 
 
 if __name__ == "__main__":

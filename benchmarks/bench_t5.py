@@ -15,13 +15,20 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, attempt, fmt, gpu_tag, load_peers, median_seconds  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    attempt,
+    fmt,
+    gpu_tag,
+    load_peers,
+    median_seconds,
+    write_result,
+)
 
 import zoo  # noqa: E402
 
@@ -110,8 +117,7 @@ def main() -> None:
         f"| {fmt(row.get('hf_eager_ms'), 1)} | {fmt(compiled, 1)} | {speedup} |"
     )
     if args.out:
-        row.update(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"))
-        Path(args.out).write_text(json.dumps(row, indent=2))
+        write_result(args.out, torch.cuda.get_device_name(), **row)
 
 
 if __name__ == "__main__":

@@ -87,5 +87,17 @@ def attempt(what: str, fn):
         return None
 
 
+def write_result(path: str, device: str, **fields) -> None:
+    """A benchmark's JSON: the device, date and versions, then its own fields."""
+    result = {
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        **fields,
+    }
+    Path(path).write_text(json.dumps(result, indent=2))
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if value is not None else "n/a"
