@@ -14,8 +14,6 @@ group. A second kernel merges the splits' partial (max, sum, acc); with one spli
 kernel writes the output directly. Rows with no visible key output 0.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +24,7 @@ from kernels.utils import (
     check_last_dim_contiguous,
     dot_precision,
     next_pow2,
+    num_sms,
 )
 
 LOG2E = 1.4426950408889634
@@ -203,18 +202,13 @@ def _launch_config(block_d: int, elem_size: int) -> tuple[int, int, int]:
     return 32, 4, 2
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _default_num_splits(B: int, Hkv: int, S_max: int, block_n: int, device: torch.device) -> int:
     """From shapes only (CUDA graphs): about one wave of programs, >= one block of keys each.
     (H200, bf16: B=32 x Hkv=8 ran 12% faster with 1 split than with 2; B=1 x Hkv=8 best at 16.)"""
     max_splits = triton.cdiv(S_max, block_n)
     if INTERPRET:
         return min(max_splits, 2)
-    target = _num_sms(device)
+    target = num_sms(device)
     return max(1, min(triton.cdiv(target, B * Hkv), max_splits, 128))
 
 

@@ -30,7 +30,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.utils import INTERPRET, check_last_dim_contiguous, dot_precision, next_pow2
+from kernels.utils import (
+    INTERPRET,
+    check_last_dim_contiguous,
+    dot_precision,
+    next_pow2,
+    num_sms,
+)
 
 _ACTIVATIONS = {
     # public name -> (ACTIVATION constexpr, FUSED_GATE)
@@ -500,14 +506,24 @@ _matmul_tma_kernel_tuned = (
     )(_matmul_tma_kernel)
 )
 
-# The config the autotuner chose per key, to launch without its per-call dispatch (tens of
-# microseconds, as much as a decode-sized kernel runs).
+# The config the autotuner chose per key (see _launch_tuned)
 _tuned_configs: dict[tuple, triton.Config] = {}
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _launch_tuned(kernel, tuned, key: tuple, grid, args: tuple, meta: dict) -> None:
+    """Launch kernel with the config its autotuner `tuned` chose for key, tuning on the key's
+    first call. Later calls skip the autotuner's per-call dispatch (tens of microseconds, as much
+    as a decode-sized kernel runs) and run the config's pre_hook as the autotuner would."""
+    config = _tuned_configs.get(key)
+    if config is None:
+        tuned[grid](*args, **meta)
+        _tuned_configs[key] = tuned.best_config
+        return
+    launch_meta = {**meta, **config.all_kwargs()}
+    if config.pre_hook is not None:
+        # arg_names lists the positional arguments first, then the constexprs
+        config.pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **launch_meta})
+    kernel[grid(config.kwargs)](*args, **launch_meta)
 
 
 @functools.cache
@@ -538,10 +554,10 @@ def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """
     if INTERPRET or device.type != "cuda" or m > 256:
         return 1
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device)
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     split_k = 1
-    while tiles * split_k < num_sms and k // (2 * split_k) >= 768 and split_k < 8:
+    while tiles * split_k < sms and k // (2 * split_k) >= 768 and split_k < 8:
         split_k *= 2
     return split_k
 
@@ -573,8 +589,9 @@ def _as_rows(name: str, t: torch.Tensor, n_cols: int, *, view_only: bool) -> tor
     return rows
 
 
-def _matmul_tma(x2, weight, bias, res2, out2, m_bucket, alpha, act_name, fused_gate):
-    """Launch the persistent TMA kernel on 2D operands (checked by the caller)."""
+def _matmul_tma(x2, weight, bias, res2, out2, m_bucket, alpha, meta, key) -> None:
+    """Launch the persistent TMA kernel on 2D operands (checked by the caller); meta holds the
+    epilogue's constexprs, key the problem's autotune key."""
     (m, k), n = x2.shape, out2.shape[1]
     dummy = out2  # stands in for absent pointers; never read (constexpr-disabled)
     # block shapes are placeholders until a config sets them (_set_tma_blocks)
@@ -594,42 +611,18 @@ def _matmul_tma(x2, weight, bias, res2, out2, m_bucket, alpha, act_name, fused_g
         out2.stride(0),
         alpha,
     )
-    meta = {
-        "ACTIVATION": act_name,
-        "HAS_BIAS": bias is not None,
-        "HAS_RESIDUAL": res2 is not None,
-        "FUSED_GATE": fused_gate,
-    }
     if INTERPRET:
         config = _INTERPRET_TMA_CONFIG
         _set_tma_blocks({"x_desc": x_desc, "w_desc": w_desc, **config})
         _matmul_tma_kernel[(_INTERPRET_TMA_PROGRAMS,)](*args, **meta, **config)
         return
-    device = x2.device
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(x2.device)
 
     def grid(launch_meta):
         tiles = triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"])
-        return (min(num_sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
+        return (min(sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
 
-    key = (
-        "tma",
-        m_bucket,
-        n,
-        k,
-        act_name,
-        fused_gate,
-        res2 is not None,
-        bias is not None,
-        x2.dtype,
-    )
-    config = _tuned_configs.get(key)
-    if config is None:
-        _matmul_tma_kernel_tuned[grid](*args, **meta)
-        _tuned_configs[key] = _matmul_tma_kernel_tuned.best_config
-    else:
-        _set_tma_blocks({"x_desc": x_desc, "w_desc": w_desc, **config.kwargs})
-        _matmul_tma_kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
+    _launch_tuned(_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), grid, args, meta)
 
 
 def matmul(
@@ -704,8 +697,15 @@ def matmul(
 
     split_k = _pick_split_k(m, n, k, x.device)
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
+    epilogue = {
+        "ACTIVATION": act_name,
+        "HAS_BIAS": bias is not None,
+        "HAS_RESIDUAL": res2 is not None,
+        "FUSED_GATE": fused_gate,
+    }
+    key = (m_bucket, n, k, act_name, fused_gate, res2 is not None, bias is not None, x.dtype)
     if split_k == 1 and _takes_tma(x2, weight, m_bucket):
-        _matmul_tma(x2, weight, bias, res2, out2, m_bucket, float(alpha), act_name, fused_gate)
+        _matmul_tma(x2, weight, bias, res2, out2, m_bucket, float(alpha), epilogue, key)
         return out
     ws = None
     if split_k > 1:
@@ -730,14 +730,7 @@ def matmul(
         ws.stride(1) if ws is not None else 0,
         float(alpha),
     )
-    meta = {
-        "ACTIVATION": act_name,
-        "HAS_BIAS": bias is not None,
-        "HAS_RESIDUAL": res2 is not None,
-        "FUSED_GATE": fused_gate,
-        "SPLIT_K": split_k,
-        "DOT_PRECISION": dot_precision(x.dtype),
-    }
+    meta = {**epilogue, "SPLIT_K": split_k, "DOT_PRECISION": dot_precision(x.dtype)}
 
     def grid(launch_meta):
         return (
@@ -748,23 +741,7 @@ def matmul(
     if INTERPRET:
         _matmul_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
     else:
-        key = (
-            m_bucket,
-            n,
-            k,
-            act_name,
-            fused_gate,
-            res2 is not None,
-            bias is not None,
-            split_k,
-            x.dtype,
-        )
-        config = _tuned_configs.get(key)
-        if config is None:
-            _matmul_kernel_tuned[grid](*args, **meta)
-            _tuned_configs[key] = _matmul_kernel_tuned.best_config
-        else:
-            _matmul_kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
+        _launch_tuned(_matmul_kernel, _matmul_kernel_tuned, (*key, split_k), grid, args, meta)
 
     if split_k > 1:
         block_m, block_n = (32, 128) if INTERPRET else (16, 256)
@@ -780,10 +757,7 @@ def matmul(
             args[12],
             out2.stride(0),
             float(alpha),
-            ACTIVATION=act_name,
-            HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=res2 is not None,
-            FUSED_GATE=fused_gate,
+            **epilogue,
             SPLIT_K=split_k,
             BLOCK_M=block_m,
             BLOCK_N=block_n,

@@ -1,5 +1,6 @@
 """Small helpers shared by the kernel launchers (no kernels here)."""
 
+import functools
 import os
 
 import torch
@@ -12,6 +13,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1); plain int arithmetic, called per launch."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launchers ask on every call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
