@@ -431,16 +431,13 @@ class DecoderOnlyLM(nn.Module):
         yields the decode state every check_every steps and at the end (see decode_steps). None
         when max_new_tokens == 0."""
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         positions, kv_start = left_padding(attention_mask, input_ids)
         batch, seq = input_ids.shape
         self._check_length(seq, max_new_tokens)
         check_cuda_graph(cuda_graph, self.device)
-        open_stream = self.__dict__.pop("_open_stream", lambda: None)()
-        if open_stream is not None:  # it shares the decode buffers: end it
-            open_stream.close()
+        TextStream.end_open(self)
         if max_new_tokens == 0:
             return None
         eos, pad_token_id = stop_ids(self, eos_token_id, pad_token_id)
@@ -491,6 +488,11 @@ def check_prompts(prompts: str | list[str]) -> list[str]:
             f"str prompts; got a list holding {type(bad).__name__}"
         )
     return texts
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
 
 
 def require_tokenizer(model, what: str = "text prompts"):
@@ -634,7 +636,7 @@ class TextStream:
     string, so the pieces join to exactly the text generate(..., stream=False) returns.
     `tokens` holds the new token ids so far (EOS excluded); close() ends generation early."""
 
-    def __init__(self, model: DecoderOnlyLM, tokenizer, run: DecodeRun | None, stops) -> None:
+    def __init__(self, model: nn.Module, tokenizer, run: DecodeRun | None, stops) -> None:
         self.tokens: list[int] = []
         self._rows = TextRows(tokenizer, 1, run.eos if run else (), stops)
         self._model = model
@@ -655,6 +657,14 @@ class TextStream:
         finally:
             if self._model.__dict__.get("_open_stream", lambda: None)() is self:
                 del self._model.__dict__["_open_stream"]
+
+    @staticmethod
+    def end_open(model) -> None:
+        """End the stream still open on model, if any: it shares the model's decode buffers, so
+        a new generation ends it."""
+        open_stream = model.__dict__.pop("_open_stream", lambda: None)()
+        if open_stream is not None:
+            open_stream.close()
 
     def __iter__(self) -> TextStream:
         return self

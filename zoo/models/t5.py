@@ -38,6 +38,7 @@ from zoo.generation import (
     check_attention_mask,
     check_cuda_graph,
     check_input_ids,
+    check_max_new_tokens,
     check_prompts,
     decode_runner,
     decode_steps,
@@ -574,15 +575,12 @@ class T5(nn.Module):
         `states` encodes on its first step, then yields the decode state every check_every steps
         and at the end (see decode_steps). The run is None when max_new_tokens == 0."""
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         lengths = right_padding_lengths(attention_mask, input_ids)
         start_id = self.decoder_start_token_id(decoder_start_token_id)
         check_cuda_graph(cuda_graph, self.device)
-        open_stream = self.__dict__.pop("_open_stream", lambda: None)()
-        if open_stream is not None:  # it shares the decode buffers: end it
-            open_stream.close()
+        TextStream.end_open(self)
         batch, seq = input_ids.shape
         start = torch.full((batch, 1), start_id, dtype=input_ids.dtype, device=input_ids.device)
         if max_new_tokens == 0:
