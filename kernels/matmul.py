@@ -199,23 +199,9 @@ def _matmul_kernel(
 
     if SPLIT_K == 1:
         _epilogue(
-            acc,
-            acc_up,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            bias_ptr,
-            res_ptr,
-            out_ptr,
-            res_stride_m,
-            out_stride_m,
-            alpha,
-            ACTIVATION,
-            HAS_BIAS,
-            HAS_RESIDUAL,
-            FUSED_GATE,
-        )
+            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
+            out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+        )  # fmt: skip
     else:
         # fp32 partials; gate columns at n, up columns at N + n. _splitk_epilogue_kernel sums them.
         mask = mask_m[:, None] & mask_n[None, :]
@@ -272,23 +258,9 @@ def _matmul_tma_kernel(
         offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
         _epilogue(
-            acc,
-            acc_up,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            bias_ptr,
-            res_ptr,
-            out_ptr,
-            res_stride_m,
-            out_stride_m,
-            alpha,
-            ACTIVATION,
-            HAS_BIAS,
-            HAS_RESIDUAL,
-            FUSED_GATE,
-        )
+            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
+            out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -324,23 +296,9 @@ def _splitk_epilogue_kernel(
             acc_up += tl.load(ws_ptrs + N, mask=mask, other=0.0)
         ws_ptrs += ws_stride_split
     _epilogue(
-        acc,
-        acc_up,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        bias_ptr,
-        res_ptr,
-        out_ptr,
-        res_stride_m,
-        out_stride_m,
-        alpha,
-        ACTIVATION,
-        HAS_BIAS,
-        HAS_RESIDUAL,
-        FUSED_GATE,
-    )
+        acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
+        out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+    )  # fmt: skip
 
 
 def _config(
