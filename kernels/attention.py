@@ -27,6 +27,8 @@ from kernels.utils import (
     check_last_dim_contiguous,
     dot_precision,
     next_pow2,
+    pdl_meta,
+    wait_for_previous_grid,
 )
 
 LOG2E = 1.4426950408889634
@@ -140,6 +142,7 @@ def _attn_fwd_kernel(
     qk_scale,
     TQ_BUCKET,  # autotune key only
     S_BUCKET,  # autotune key only
+    BH_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KV_START: tl.constexpr,
@@ -148,7 +151,9 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
@@ -276,7 +281,7 @@ if INTERPRET:
 else:
     _attn_fwd = triton.autotune(
         configs=_gpu_configs(),
-        key=["TQ_BUCKET", "S_BUCKET", "BLOCK_D", "CAUSAL", "HAS_BIAS"],
+        key=["TQ_BUCKET", "S_BUCKET", "BH_BUCKET", "BLOCK_D", "CAUSAL", "HAS_BIAS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attn_fwd_kernel)
 
@@ -333,7 +338,8 @@ def attention(
         *bias_strides,
         Tq, S, Hq, Hq // Hkv, D,
         float(scale) * LOG2E,
-        _bucket(Tq), _bucket(S),
+        # B * Hq is the grid's second axis: blocks tuned for one sequence leave SMs idle at 32
+        _bucket(Tq), _bucket(S), _bucket(B * Hq),
     )  # fmt: skip
     meta = dict(
         CAUSAL=bool(causal),
@@ -342,6 +348,7 @@ def attention(
         HAS_KV_END=kv_end is not None,
         BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype),
+        **pdl_meta(q.device, B * Tq),
     )
     if INTERPRET:
         # few, large programs: the interpreter pays per program instance

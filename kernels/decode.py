@@ -25,6 +25,8 @@ from kernels.utils import (
     dot_precision,
     next_pow2,
     num_sms,
+    pdl_meta,
+    wait_for_previous_grid,
 )
 
 LOG2E = 1.4426950408889634
@@ -68,7 +70,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hkv
@@ -163,7 +167,9 @@ def _decode_combine_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)  # b * Hq + h
     b = pid // Hq
     h = pid % Hq
@@ -287,6 +293,7 @@ def decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_meta(q.device, B),
     )  # fmt: skip
     if num_splits > 1:
         _decode_combine_kernel[(B * Hq,)](
@@ -297,5 +304,6 @@ def decode_attention(
             SPLITS_PAD=next_pow2(num_splits),
             BLOCK_D=block_d,
             num_warps=1 if block_d * next_pow2(num_splits) <= 2048 else 4,
+            **pdl_meta(q.device, B),
         )  # fmt: skip
     return out

@@ -11,7 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_last_dim_contiguous, next_pow2
+from kernels.utils import (
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl_meta,
+    wait_for_previous_grid,
+)
 
 
 @triton.jit
@@ -30,7 +35,9 @@ def _embedding_kernel(
     scale,
     HAS_POSITIONS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -93,5 +100,6 @@ def embedding(
         HAS_POSITIONS=positions is not None,
         BLOCK_N=next_pow2(n),
         num_warps=4,
+        **pdl_meta(out.device, ids_flat.numel()),
     )
     return out.view(*ids.shape, n)

@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_last_dim_contiguous, next_pow2
+from kernels.utils import (
+    INTERPRET,
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl_meta,
+    wait_for_previous_grid,
+)
 
 
 @triton.jit
@@ -35,7 +41,9 @@ def _norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -114,6 +122,7 @@ def _norm(x, weight, bias, eps, residual, is_rms):
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         num_warps=num_warps,
+        **pdl_meta(x.device, x_rows.shape[0]),
     )
     if residual is not None:
         return out, residual_out

@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INTERPRET, check_last_dim_contiguous, next_pow2
+from kernels.utils import (
+    INTERPRET,
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl_meta,
+    wait_for_previous_grid,
+)
 
 
 @triton.jit
@@ -35,7 +41,9 @@ def _relative_bias_kernel(
     HAS_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -125,5 +133,6 @@ def relative_position_bias(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=4,
+        **pdl_meta(out.device, batch * query_length),
     )
     return out

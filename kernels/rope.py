@@ -17,7 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_last_dim_contiguous, next_pow2
+from kernels.utils import (
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl_meta,
+    wait_for_previous_grid,
+)
 
 
 @triton.jit
@@ -45,7 +50,9 @@ def _rope_cache_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     b = token // T
     t = token % T
@@ -183,5 +190,6 @@ def rope_cache_write(
         BLOCK_HALF=next_pow2(head_dim // 2),
         BLOCK_D=next_pow2(head_dim),
         num_warps=4,
+        **pdl_meta(qkv.device, batch * seq),
     )
     return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]

@@ -1,9 +1,11 @@
-"""Small helpers shared by the kernel launchers (no kernels here)."""
+"""Small helpers shared by the kernels and their launchers (no kernels here)."""
 
 import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 # The interpreter runs every program instance on the CPU: launchers pick large fixed blocks
 # there and skip autotuning (which needs a GPU driver).
@@ -19,6 +21,40 @@ def next_pow2(n: int) -> int:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: launchers ask on every call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def is_hopper_or_newer(device: torch.device) -> bool:
+    """sm_90+: TMA and programmatic dependent launch."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+# Programmatic dependent launch (PDL): on Hopper a kernel's programs may be scheduled while the
+# previous kernel on the stream is still finishing, so launch latency and the first instructions
+# overlap its tail. Every kernel here waits for the previous grid (wait_for_previous_grid) before
+# it touches memory the previous kernel may use, so results are unchanged. It pays where kernels
+# last a few microseconds: on an H200, Bert-base 1x128 466 -> 434 us (with the matmul's weight
+# prefetch), GPT-2 decode 0.389 -> 0.358 ms/step, Llama-3-8B decode 4.48 -> 4.27 ms/step; at
+# 1024 tokens and more it cost 1-3% (Bert 8x128, 32x128), so only launches over at most
+# PDL_MAX_ROWS rows (tokens) use it. ZOO_PDL=0 turns it off.
+PDL = os.environ.get("ZOO_PDL", "1") != "0"
+PDL_MAX_ROWS = 256
+
+
+def pdl_meta(device: torch.device, rows: int) -> dict:
+    """Launch keywords of a kernel over `rows` token rows: the USE_PDL constexpr and Triton's
+    launch_pdl option."""
+    enabled = PDL and rows <= PDL_MAX_ROWS and not INTERPRET and is_hopper_or_newer(device)
+    return {"USE_PDL": enabled, "launch_pdl": enabled}
+
+
+@triton.jit
+def wait_for_previous_grid(USE_PDL: tl.constexpr):
+    """First statement of every kernel: with PDL, block until the previous kernel on the stream
+    has finished and its writes are visible, then let the next kernel's programs be scheduled."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
