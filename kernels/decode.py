@@ -272,6 +272,7 @@ def decode_attention(
     bias_strides = (
         (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
     )
+    pdl = pdl_meta(q.device, B)  # both kernels
     _decode_split_kernel[(B * Hkv, num_splits)](
         q, k, v, bias_arg,
         kv_start if kv_start is not None else kv_end,
@@ -293,7 +294,7 @@ def decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_meta(q.device, B),
+        **pdl,
     )  # fmt: skip
     if num_splits > 1:
         _decode_combine_kernel[(B * Hq,)](
@@ -304,6 +305,6 @@ def decode_attention(
             SPLITS_PAD=next_pow2(num_splits),
             BLOCK_D=block_d,
             num_warps=1 if block_d * next_pow2(num_splits) <= 2048 else 4,
-            **pdl_meta(q.device, B),
+            **pdl,
         )  # fmt: skip
     return out

@@ -730,8 +730,10 @@ def matmul(
         **shared_meta,
         "SPLIT_K": split_k,
         "DOT_PRECISION": dot_precision(x.dtype),
+        # 0 without PDL too: one compiled variant per launch, whatever the weight's size
         "PREFETCH_K": _PREFETCH_COLUMNS
-        if weight.numel() * weight.element_size() <= _PREFETCH_MAX_WEIGHT_BYTES
+        if shared_meta["USE_PDL"]
+        and weight.numel() * weight.element_size() <= _PREFETCH_MAX_WEIGHT_BYTES
         else 0,
     }
 
