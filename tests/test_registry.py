@@ -15,9 +15,10 @@ from zoo.registry import _ENTRIES, REGISTRY, get_entry, list_models
 transformers = pytest.importorskip("transformers")
 
 # Unique parameters of each real checkpoint (a tied head counted once), as transformers counts
-# them for the preset's config; the note says what else confirms the number. "card" is the model
-# card's "Number of Parameters (non-embedding)", which fixes both the total and the head's tying;
-# "total_size" is model.safetensors.index.json's metadata.total_size / 2 (bf16 storage).
+# them for the preset's config; the note above each group says what else confirms the number:
+# "total_size" is model.safetensors.index.json's metadata.total_size in bytes (bf16: 2 per
+# parameter); "card" is the model card's parameter count (Qwen's also states the non-embedding
+# count, which pins whether the head is tied); "hub" is the size the model's Hub page shows.
 PARAMETER_COUNTS = {
     # total_size 16,060,522,496
     "llama3-8b": 8_030_261_248,
@@ -35,10 +36,10 @@ PARAMETER_COUNTS = {
     "llama3.2-1b-instruct": 1_235_814_400,
     "llama3.2-3b": 3_212_749_824,
     "llama3.2-3b-instruct": 3_212_749_824,
-    # q/k/v/o and MLP biases, tied head; card: 8.05B
+    # q/k/v/o and MLP biases, tied head; hub: 8.05B
     "granite-8b-code-base": 8_054_910_976,
     "granite-8b-code-instruct": 8_054_910_976,
-    # tied head; card: 2.53B / 8.17B
+    # tied head; hub: 2.53B / 8.17B
     "granite-3.3-2b-instruct": 2_533_539_840,
     "granite-3.3-8b-instruct": 8_170_864_640,
     # total_size 14,483,464,192 (v0.1) / 14,496,047,104 (v0.3: 768 more rows of vocabulary)
@@ -55,13 +56,14 @@ PARAMETER_COUNTS = {
     "qwen2.5-7b": 7_615_616_512,
     "qwen2.5-7b-instruct": 7_615_616_512,
     # q/k norms; card: 0.6B (0.44B non-embedding, tied), 1.7B (1.4B, tied), 4.0B (3.6B, tied),
-    # 8.2B (6.95B, own head)
+    # 8.2B (6.95B, own head). The Hub shows 752M and 2.03B for 0.6B and 1.7B: their safetensors
+    # also hold lm_head.weight, a copy of the tied embedding, counted once here
     "qwen3-0.6b": 596_049_920,
     "qwen3-1.7b": 1_720_574_976,
     "qwen3-4b": 4_022_468_096,
     "qwen3-8b": 8_190_735_360,
     # GPT2LMHeadModel, tied head; the checkpoints also store each layer's causal mask
-    # (attn.bias), a buffer, not a parameter
+    # (attn.bias), a buffer, not a parameter (so the Hub shows 137M for gpt2)
     "gpt2": 124_439_808,
     "gpt2-medium": 354_823_168,
     "gpt2-large": 774_030_080,
@@ -71,7 +73,7 @@ PARAMETER_COUNTS = {
     "bert-base-uncased": 109_482_240,
     "bert-large-uncased": 335_141_888,
     "all-minilm-l6-v2": 22_713_216,
-    # T5 v1.0: head tied to `shared` (the checkpoints store copies as embed_tokens / lm_head)
+    # T5 v1.0: head tied to `shared`
     "t5-small": 60_506_624,
     "t5-base": 222_903_552,
     "t5-large": 737_668_096,
