@@ -79,40 +79,17 @@ _LLAMA_3_2_1B = {"head_dim": 64, "hidden_size": 2048, "intermediate_size": 8192}
 _LLAMA_3_2_1B |= {"num_hidden_layers": 16, "tie_word_embeddings": True}
 _LLAMA_3_2_3B = {"head_dim": 128, "hidden_size": 3072, "intermediate_size": 8192}
 _LLAMA_3_2_3B |= {"num_attention_heads": 24, "num_hidden_layers": 28, "tie_word_embeddings": True}
+_ROPE_3_1, _ROPE_3_2 = _llama3_rope(8.0), _llama3_rope(32.0)
 _LLAMA_SIZES = [
     # name, repo id, the preset's delta, instruct (config delta, generation eos), base published
     ("llama3-8b", "meta-llama/Meta-Llama-3-8B", {}, _LLAMA3_CHAT, True),
     ("llama3-70b", "meta-llama/Meta-Llama-3-70B", _LLAMA_70B, _LLAMA3_CHAT, True),
-    ("llama3.1-8b", "meta-llama/Llama-3.1-8B", _llama3_rope(8.0), _LLAMA31_CHAT, True),
-    (
-        "llama3.1-70b",
-        "meta-llama/Llama-3.1-70B",
-        _LLAMA_70B | _llama3_rope(8.0),
-        _LLAMA31_CHAT,
-        True,
-    ),
-    (
-        "llama3.2-1b",
-        "meta-llama/Llama-3.2-1B",
-        _LLAMA_3_2_1B | _llama3_rope(32.0),
-        _LLAMA31_CHAT,
-        True,
-    ),
-    (
-        "llama3.2-3b",
-        "meta-llama/Llama-3.2-3B",
-        _LLAMA_3_2_3B | _llama3_rope(32.0),
-        _LLAMA31_CHAT,
-        True,
-    ),
+    ("llama3.1-8b", "meta-llama/Llama-3.1-8B", _ROPE_3_1, _LLAMA31_CHAT, True),
+    ("llama3.1-70b", "meta-llama/Llama-3.1-70B", _LLAMA_70B | _ROPE_3_1, _LLAMA31_CHAT, True),
+    ("llama3.2-1b", "meta-llama/Llama-3.2-1B", _LLAMA_3_2_1B | _ROPE_3_2, _LLAMA31_CHAT, True),
+    ("llama3.2-3b", "meta-llama/Llama-3.2-3B", _LLAMA_3_2_3B | _ROPE_3_2, _LLAMA31_CHAT, True),
     # Llama 3.3 was published as an instruct checkpoint only
-    (
-        "llama3.3-70b",
-        "meta-llama/Llama-3.3-70B",
-        _LLAMA_70B | _llama3_rope(8.0),
-        _LLAMA31_CHAT,
-        False,
-    ),
+    ("llama3.3-70b", "meta-llama/Llama-3.3-70B", _LLAMA_70B | _ROPE_3_1, _LLAMA31_CHAT, False),
 ]
 for _name, _repo, _delta, (_chat_delta, _chat_eos), _has_base in _LLAMA_SIZES:
     _config = _LLAMA3 | _delta
