@@ -5,6 +5,7 @@ batches. The headline is the plain call `model(ids, attention_mask=mask)` timed 
 it: steady state after a warm-up, each call on an idle GPU between CUDA events and followed by a
 sync (common.call_ms), so its launches, input checks and host syncs all count. Beside it: the
 same call back to back (triton.testing.do_bench, the method the HF peers were timed with), the
+summed durations (and count) of the GPU kernels of one call in a torch.profiler trace, the
 call with cuda_graph=False where the model takes that argument, and a CUDA graph captured by hand
 around `model.encode` and replayed (the floor of launch overhead; timed both ways). HF peers:
 eager (SDPA attention) and torch.compile(mode="max-autotune"), which uses CUDA graphs too, timed
@@ -34,6 +35,7 @@ from common import (  # noqa: E402
     attempt,
     call_ms,
     fmt,
+    gpu_kernel_ms,
     gpu_tag,
     load_peers,
     measure_matmul_flops,
@@ -149,6 +151,7 @@ def main() -> None:
 
             row["ours_call_ms"] = call_ms(plain)
             row["ours_call_bench_ms"] = bench(plain)
+            row["ours_gpu_ms"], row["ours_kernels"] = gpu_kernel_ms(plain)
             if opt_out:
                 row["ours_eager_ms"] = bench(
                     lambda ids=ids, mask=mask: model(ids, attention_mask=mask, cuda_graph=False)
@@ -173,15 +176,17 @@ def main() -> None:
         + ("" if opt_out else "; this model has no cuda_graph option: the plain call is eager")
     )
     print(
-        "| batch x seq | ours plain call | back to back | cuda_graph=False | graph replay (synced) "
+        "| batch x seq | ours plain call | back to back | its GPU kernels | cuda_graph=False "
+        "| graph replay (synced) "
         "| HF eager | HF compile max-autotune | vs HF compile | vs HF eager "
         "| plain / replay | TFLOP/s (% of matmul peak) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ours = r["ours_call_ms"]
         print(
             f"| {r['shape']} | {fmt(ours, 3)} | {fmt(r['ours_call_bench_ms'], 3)} "
+            f"| {fmt(r['ours_gpu_ms'], 3)} ({r['ours_kernels']}) "
             f"| {fmt(r.get('ours_eager_ms'), 3)} | {fmt(r.get('ours_replay_call_ms'), 3)} "
             f"| {fmt(r.get('hf_eager_ms'), 3)} | {fmt(r.get('hf_compile_ms'), 3)} "
             f"| {ratio(r.get('hf_compile_ms'), ours)} | {ratio(r.get('hf_eager_ms'), ours, 1)} "

@@ -4,8 +4,8 @@ Random weights at the real architecture (`zoo.load(name, pretrained=False)`), bf
 each prompt length: the wall time of `model.generate(ids, max_new_tokens=1)` (the prefill and
 the first token; steady state: median of --repeats calls after warm-up calls that compile,
 autotune and capture) and of the plain forward `model(ids)` (logits of every position), each
-beside the GPU time of one call: the summed durations of the kernels, copies and fills it runs
-in a torch.profiler trace. wall / GPU is what the host adds (launches, checks, syncs, idle gaps).
+beside the GPU time of one call: the summed durations of the kernels it runs in a
+torch.profiler trace. wall / GPU is what the host adds (launches, checks, syncs, idle gaps).
 
 HF peers, stored in benchmarks/results/<gpu>_<model>_hf_peers.json (rows "ttft 1x<prompt>",
 beside bench_decoder.py's rows; measured only with --peers): generate(max_new_tokens=1) eager
@@ -34,7 +34,7 @@ from common import (  # noqa: E402
     RESULTS,
     attempt,
     fmt,
-    gpu_busy_ms,
+    gpu_kernel_ms,
     gpu_tag,
     load_peers,
     ratio,
@@ -137,9 +137,9 @@ def main() -> None:
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - start  # compile, autotune, capture
             row["ours_ttft_ms"] = wall_ms(first_token, args.warmup, args.repeats)
-            row["ours_ttft_gpu_ms"], row["ttft_gpu_ops"] = gpu_busy_ms(first_token)
+            row["ours_ttft_gpu_ms"], row["ttft_kernels"] = gpu_kernel_ms(first_token)
             row["ours_forward_ms"] = wall_ms(forward, args.warmup, args.repeats)
-            row["ours_forward_gpu_ms"], row["forward_gpu_ops"] = gpu_busy_ms(forward)
+            row["ours_forward_gpu_ms"], row["forward_kernels"] = gpu_kernel_ms(forward)
             row.update(peer_row(peers, prompt))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -63,17 +63,22 @@ def call_ms(fn, warmup: int = 10, repeats: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_busy_ms(fn) -> tuple[float, int]:
-    """(ms, count) of the GPU work one call of fn runs: the summed durations of its kernels,
-    copies and fills in a torch.profiler trace (kernels replayed from a CUDA graph included),
-    after one untraced call that compiles, autotunes and captures."""
+def gpu_kernel_ms(fn) -> tuple[float, int]:
+    """(ms, count) of the GPU kernels one call of fn runs: their summed durations in a
+    torch.profiler trace (kernels replayed from a CUDA graph included; copies and fills left
+    out), after one untraced call that compiles, autotunes and captures."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time_total for e in device_events) / 1e3, len(device_events)
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    return sum(e.device_time_total for e in kernels) / 1e3, len(kernels)
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:

@@ -18,7 +18,7 @@
 #             and 2048, and the plain forward, each beside its GPU time in a torch.profiler trace
 #             (PEERS=1: HF eager and static cache + compile at those prompts)
 #   gpt2-prefill  GPT-2 plain forward of 1 x 1024 tokens (and its TTFT) vs its GPU time and HF eager
-#   launch    launch overhead per kernel (benchmarks/bench_launch.py, where present)
+#   launch    the host cost of kernel launches (benchmarks/bench_launch.py, where present)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
 # Each stage fits in one 10-minute device call on its own (PEERS=1 stages: one per call); every
@@ -111,7 +111,10 @@ for stage in "$@"; do
       python benchmarks/bench_ttft.py --model gpt2 --prompts 1024 $peers --out "$OUT/bench_ttft_gpt2.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     launch)
       if [ -f benchmarks/bench_launch.py ]; then
-        python benchmarks/bench_launch.py 2>&1 | tee -a "$OUT/bench.log"
+        # its JSON into $OUT where it takes --out
+        launch_out=()
+        grep -q -- "\"--out\"" benchmarks/bench_launch.py && launch_out=(--out "$OUT/bench_launch.json")
+        python benchmarks/bench_launch.py "${launch_out[@]}" 2>&1 | tee -a "$OUT/bench.log"
       else
         echo "benchmarks/bench_launch.py is absent: launch skipped"
       fi ;;
