@@ -21,7 +21,8 @@
 #   launch    the host cost of kernel launches (benchmarks/bench_launch.py, where present)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
-# Each stage fits in one 10-minute device call on its own (PEERS=1 stages: one per call); every
+# Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
+# call); every
 # stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
 # files are read from and written to $OUT too.
