@@ -22,8 +22,7 @@
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
 # Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
-# call); every
-# stage prints its duration.
+# call); every stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
 # files are read from and written to $OUT too.
 #   e.g.  bash benchmarks/gpu_run.sh checks      PEERS=1 bash benchmarks/gpu_run.sh t5 gpt2
