@@ -92,7 +92,11 @@ def bench_peers(model_name: str, shapes, prefill_tokens: int, save) -> dict:
 
     model = load_hf(model_name)
     vocab = model.config.vocab_size
-    result = {"transformers": transformers.__version__, "rows": {}}
+    result = {
+        "transformers": transformers.__version__,
+        "prefill_tokens": prefill_tokens,
+        "rows": {},
+    }
     with torch.inference_mode():
         ids = torch.randint(0, vocab, (1, prefill_tokens), device="cuda")
         result["prefill_ms_eager"] = 1e3 * median_seconds(lambda: model(ids), repeats=5)

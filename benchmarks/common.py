@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 import triton.testing
+from torch.profiler import ProfilerActivity, profile
 
 # HF peer numbers live here; BENCH_RESULTS moves them (e.g. to an output folder of a GPU run)
 RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results"))
@@ -41,6 +43,42 @@ def median_seconds(fn, repeats: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def call_ms(fn, warmup: int = 10, repeats: int = 50) -> float:
+    """Median ms of one call as a user makes it: the GPU idle before the call, CUDA events around
+    it, a sync after. Host work (launches, input checks, host syncs) that the GPU waits on counts;
+    unlike do_bench, calls never overlap the previous call's GPU work."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_kernel_ms(fn) -> tuple[float, int]:
+    """(ms, count) of the GPU kernels one call of fn runs: their summed durations in a
+    torch.profiler trace (kernels replayed from a CUDA graph included; copies and fills left
+    out), after one untraced call that compiles, autotunes and captures."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    return sum(e.device_time_total for e in kernels) / 1e3, len(kernels)
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -101,3 +139,15 @@ def write_result(path: str, device: str, **fields) -> None:
 
 def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if value is not None else "n/a"
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> str:
+    """'1.23x', or 'n/a' when either side is missing."""
+    if numerator is None or denominator is None:
+        return "n/a"
+    return f"{numerator / denominator:.{digits}f}x"
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether fn takes a keyword argument called name (e.g. a model's forward and cuda_graph)."""
+    return name in inspect.signature(fn).parameters

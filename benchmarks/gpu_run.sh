@@ -8,10 +8,21 @@
 #   checks    tests, and beside them smoke, accuracy and profile (none of these is timed)
 #   llama     decode/prefill benchmark of Llama-3-8B (add PEERS=1 to measure HF peers again)
 #   gpt2      the same for GPT-2 (124M)
-#   bert      Bert-base forward benchmark at the 7 shapes of the targets (BERT_PEER_SHAPES=1x16,...
-#             limits which shapes PEERS=1 measures; the others come from the stored peers)
+#   bert      Bert-base forward at the 7 shapes of the targets: the plain call as a user makes it,
+#             beside a hand-captured graph replay (BERT_PEER_SHAPES=1x16,... limits which shapes
+#             PEERS=1 measures; the others come from the stored peers)
+#   embed     Bert-base sentence embeddings of 2048 texts of 8..256 tokens in batches of 32, each
+#             padded to its longest: texts/s, first pass and steady state (PEERS=1: HF eager and
+#             torch.compile(dynamic=True) again)
+#   ttft      Llama-3-8B time to first token, generate(max_new_tokens=1) at prompts 16, 128, 512
+#             and 2048, and the plain forward, each beside its GPU time in a torch.profiler trace
+#             (PEERS=1: HF eager and static cache + compile at those prompts)
+#   gpt2-prefill  GPT-2 plain forward of 1 x 1024 tokens (and its TTFT) vs its GPU time and HF eager
+#   launch    the host cost of kernel launches (benchmarks/bench_launch.py, where present)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
+# Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
+# call); every stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
 # files are read from and written to $OUT too.
 #   e.g.  bash benchmarks/gpu_run.sh checks      PEERS=1 bash benchmarks/gpu_run.sh t5 gpt2
@@ -64,6 +75,7 @@ profile() { python benchmarks/profile_kernels.py --model llama3-8b 2>&1 | tee "$
 
 for stage in "$@"; do
   echo "== $stage"
+  SECONDS=0
   case "$stage" in
     tests) run_tests ;;
     smoke) smoke ;;
@@ -88,6 +100,25 @@ for stage in "$@"; do
       python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     kernels)
       python benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    embed)
+      stored_peers embed
+      python benchmarks/bench_embed.py --model bert-base-uncased $peers --out "$OUT/bench_embed.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    ttft)
+      stored_peers llama3-8b
+      python benchmarks/bench_ttft.py --model llama3-8b --prompts 16,128,512,2048 $peers --out "$OUT/bench_ttft_llama3-8b.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    gpt2-prefill)
+      stored_peers gpt2
+      python benchmarks/bench_ttft.py --model gpt2 --prompts 1024 $peers --out "$OUT/bench_ttft_gpt2.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    launch)
+      if [ -f benchmarks/bench_launch.py ]; then
+        # its JSON into $OUT where it takes --out
+        launch_out=()
+        grep -q -- "\"--out\"" benchmarks/bench_launch.py && launch_out=(--out "$OUT/bench_launch.json")
+        python benchmarks/bench_launch.py "${launch_out[@]}" 2>&1 | tee -a "$OUT/bench.log"
+      else
+        echo "benchmarks/bench_launch.py is absent: launch skipped"
+      fi ;;
     *) echo "unknown stage $stage" ;;
   esac
+  echo "== $stage took ${SECONDS}s"
 done
