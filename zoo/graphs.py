@@ -93,11 +93,12 @@ class GraphPool:
         self.capture = True
         self.device = torch.device("cpu")  # the model's (set by graph_pool)
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._too_large: set[tuple] = set()  # buckets whose graph alone exceeds max_bytes
         self._handle = None  # the CUDA memory pool all graphs of this model capture into
         self.weights: tuple | None = None  # where the weights were when the graphs were captured
 
     def __len__(self) -> int:
-        return sum(entry.graph is not None for entry in self._entries.values())
+        return len(self._entries)
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._entries
@@ -115,6 +116,7 @@ class GraphPool:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._too_large.clear()
         self._handle = None
 
     def run(
@@ -126,16 +128,28 @@ class GraphPool:
     ) -> Any:
         with torch.inference_mode():
             entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = self._allocate(allocate)
-                fill(entry.inputs)
-                if self.capture:
-                    self._capture(key, entry, compute)
-            else:
+            if entry is not None:
                 self._entries.move_to_end(key)
                 fill(entry.inputs)
-            if entry.graph is None:
+                if entry.graph is None:  # capture=False
+                    return compute(entry.inputs)
+                entry.graph.replay()
+                return entry.outputs
+            entry = self._allocate(allocate)
+            fill(entry.inputs)
+            if not self.capture:
+                self._entries[key] = entry
                 return compute(entry.inputs)
+            if key in self._too_large:
+                return compute(entry.inputs)
+            self._capture(entry, compute)
+            if entry.nbytes > self.max_bytes or self.max_graphs < 1:
+                # over the bound on its own: this bucket runs eagerly from now on
+                self._too_large.add(key)
+                return compute(entry.inputs)
+            self._entries[key] = entry
+            while len(self._entries) > self.max_graphs or self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)  # the least recently used (never this one)
             entry.graph.replay()
             return entry.outputs
 
@@ -148,7 +162,7 @@ class GraphPool:
         nbytes = torch.cuda.memory_allocated(self.device) - before if cuda else 0
         return _Entry(inputs, None, None, nbytes)
 
-    def _capture(self, key: tuple, entry: _Entry, compute: Callable) -> None:
+    def _capture(self, entry: _Entry, compute: Callable) -> None:
         # The eager run compiles and autotunes every kernel at these shapes, which must not happen
         # during capture; its result is thrown away (the replay below gives the same bits).
         compute(entry.inputs)
@@ -169,21 +183,6 @@ class GraphPool:
             torch.cuda.current_stream().wait_stream(stream)
             entry.nbytes += max(torch.cuda.memory_reserved() - before, 0)
         entry.graph, entry.outputs = graph, outputs
-        self._evict(key)
-
-    def _evict(self, newest: tuple) -> None:
-        """Drop least recently used graphs until the bounds hold; a graph over max_bytes on its
-        own is dropped too, and its bucket then runs eagerly on its static buffers."""
-        while len(self._entries) > 1 and (
-            len(self) > self.max_graphs or self.nbytes > self.max_bytes
-        ):
-            oldest = next(iter(self._entries))
-            if oldest == newest:
-                break
-            del self._entries[oldest]
-        entry = self._entries[newest]
-        if entry.nbytes > self.max_bytes or self.max_graphs < 1:
-            entry.graph = entry.outputs = None
 
 
 _POOLS: weakref.WeakKeyDictionary[nn.Module, GraphPool] = weakref.WeakKeyDictionary()
