@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import DEVICE
 
+import kernels.matmul
 import zoo
 from kernels.attention import _bucket as attention_bucket
 from kernels.utils import next_pow2
@@ -29,6 +30,7 @@ BERT = dict(
     max_position_embeddings=80,
     type_vocab_size=3,
 )
+WIDE = 1601
 GPT2 = dict(vocab_size=97, n_positions=128, n_embd=72, n_layer=2, n_head=3, eos_token_id=96)
 LLAMA = dict(
     vocab_size=101,
@@ -57,6 +59,10 @@ T5 = dict(
 )
 BUILD = {
     "bert": lambda: transformers.BertModel(transformers.BertConfig(**BERT)),
+    # K = 1601 in the down projection: skinny calls split it (split-K)
+    "bert-wide": lambda: transformers.BertModel(
+        transformers.BertConfig(**{**BERT, "intermediate_size": WIDE})
+    ),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)),
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)),
     "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**T5)),
@@ -300,6 +306,23 @@ def test_bert_replay_equals_eager(saved, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_replay_equals_eager_through_split_k_and_tma(saved, dtype):
+    """Skinny calls split the down projection's K; bf16 calls over 256 rows take the TMA kernel
+    on Hopper. Both choices follow the M bucket, so padding within it keeps them."""
+    model = load(saved, "bert-wide", dtype)
+    device = torch.device(DEVICE)
+    assert kernels.matmul._pick_split_k(16, BERT["hidden_size"], WIDE, device) > 1
+    for lengths in ([9], [5, 3], [33, 20, 7], [70, 70, 50, 65], [80, 61, 80, 3, 44]):
+        ids, mask = right_padded(97, lengths)
+        expected = model(ids, attention_mask=mask, cuda_graph=False)
+        for _ in range(2):
+            out = model(ids, attention_mask=mask)
+            assert torch.equal(out.last_hidden_state, expected.last_hidden_state), lengths
+            assert torch.equal(out.pooler_output, expected.pooler_output), lengths
+
+
+@needs_cuda
 def test_bert_outputs_do_not_alias(saved):
     model = load(saved, "bert")
     first_ids = torch.randint(0, 97, (2, 7), device=DEVICE)
@@ -385,7 +408,8 @@ def test_no_capture_inside_a_user_capture(saved):
 def test_decoder_replay_equals_eager(saved, family, dtype):
     model = load(saved, family, dtype)
     vocab = model.config.vocab_size
-    for lengths in ([5], [7, 7], [8, 3], [20, 17, 1], [33], [60, 41]):
+    # the last two run over 256 rows: with bf16 on Hopper, the matmuls' TMA kernel
+    for lengths in ([5], [7, 7], [8, 3], [20, 17, 1], [33], [60, 41], [60, 60, 12, 59, 33]):
         ids, mask = left_padded(vocab, lengths)
         expected = model(ids, attention_mask=mask, cuda_graph=False)
         for _ in range(2):
@@ -414,7 +438,8 @@ def test_greedy_generation_same_with_graphs_on_and_off(saved, family, dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_t5_replay_equals_eager(saved, dtype):
     model = load(saved, "t5", dtype)
-    for enc_lengths, dec_seq in (([5], 1), ([5], 3), ([7, 2, 4], 6), ([20, 11], 9), ([33], 17)):
+    cases = [([5], 1), ([5], 3), ([7, 2, 4], 6), ([20, 11], 9), ([33], 17), ([70, 40, 66, 20], 9)]
+    for enc_lengths, dec_seq in cases:
         ids, mask = right_padded(101, enc_lengths)
         dec = torch.randint(0, 101, (len(enc_lengths), dec_seq), device=DEVICE)
         expected = model(ids, decoder_input_ids=dec, attention_mask=mask, cuda_graph=False)
