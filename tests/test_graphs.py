@@ -385,6 +385,25 @@ def test_opt_out_per_call_and_per_model(saved):
 
 
 @needs_cuda
+def test_inputs_are_checked_before_a_replay(saved):
+    model = load(saved, "bert")
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    model(ids)  # the bucket's graph exists
+    bad = ids.clone()
+    bad[1, 3] = 97
+    with pytest.raises(ValueError, match="input_ids: token id 97 is outside the vocabulary"):
+        model(bad)
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0  # a hole: not right-padded
+    with pytest.raises(ValueError, match="attention_mask: Bert batches must be right-padded"):
+        model(ids, attention_mask=mask)
+    gpt2 = load(saved, "gpt2")
+    gpt2(ids)
+    with pytest.raises(ValueError, match="input_ids: token id 97 is outside the vocabulary"):
+        gpt2(bad)
+
+
+@needs_cuda
 def test_no_capture_inside_a_user_capture(saved):
     model = load(saved, "bert")
     ids = torch.randint(0, 97, (1, 9), device=DEVICE)

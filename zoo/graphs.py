@@ -213,7 +213,12 @@ def _int_buffer(batch: int, length: int | None, device, dtype=torch.int64) -> to
 # then valid ids and positions): the real positions never read it.
 
 
-def bert_forward(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor, kv_end):
+def bert_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    kv_end: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bert.forward after its input checks (kv_end None: full rows): new tensors
     (last_hidden_state [B, T, hidden], pooler_output [B, hidden] or None)."""
     batch, seq = input_ids.shape
@@ -243,7 +248,9 @@ def bert_forward(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor, k
     return hidden[:, :seq].clone(), None if pooled is None else pooled.clone()
 
 
-def decoder_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_start):
+def decoder_forward(
+    model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, kv_start: torch.Tensor
+) -> torch.Tensor:
     """DecoderOnlyLM.forward after its input checks: logits [B, T, V] of a left-padded batch
     (padded here on the right: causal queries never see later positions)."""
     batch, seq = input_ids.shape
@@ -273,7 +280,7 @@ def decoder_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, kv_
 
 
 def prefill(
-    model,
+    model: nn.Module,
     cache,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
@@ -292,7 +299,13 @@ def prefill(
     return bucketed_prefill(model, cache, input_ids, positions, kv_start)
 
 
-def bucketed_prefill(model, cache, input_ids, positions, kv_start) -> torch.Tensor:
+def bucketed_prefill(
+    model: nn.Module,
+    cache,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    kv_start: torch.Tensor,
+) -> torch.Tensor:
     """prefill through the model's graph pool (padded to the bucket, replayed)."""
     batch, seq = input_ids.shape
     length = padded_length(batch, seq, cache.max_length)
@@ -326,7 +339,12 @@ def bucketed_prefill(model, cache, input_ids, positions, kv_start) -> torch.Tens
     return graph_pool(model).run(key, allocate, fill, compute).clone()
 
 
-def t5_forward(model, input_ids, lengths, decoder_input_ids) -> torch.Tensor:
+def t5_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    decoder_input_ids: torch.Tensor,
+) -> torch.Tensor:
     """T5.forward after its input checks: logits [B, Td, V]. The encoder input is padded on the
     right (lengths mask the pads out), the decoder input too (causal)."""
     batch, seq = input_ids.shape
@@ -359,7 +377,7 @@ def t5_forward(model, input_ids, lengths, decoder_input_ids) -> torch.Tensor:
     return logits[:, :dec_seq].clone()
 
 
-def t5_encode_into(model, cache, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+def t5_encode_into(model: nn.Module, cache, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
     """T5.encode_into, graphed: the encoder input is padded on the right up to its bucket (at
     most the cache's encoder length); the pads' cross K/V lie past `lengths`, never read."""
     batch, seq = input_ids.shape
