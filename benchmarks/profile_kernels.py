@@ -63,7 +63,7 @@ def main() -> None:
     failures = []
     with torch.inference_mode():
         traces = {
-            "prefill": lambda: model(ids),
+            "prefill": lambda: model(ids, cuda_graph=False),
             "prefill + 1 decode step": lambda: model.generate(
                 ids, max_new_tokens=2, eos_token_id=[], cuda_graph=False
             ),

@@ -538,18 +538,21 @@ def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)  # called per launch, from shapes only
-def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+def _pick_split_k(m_bucket: int, n: int, k: int, device: torch.device) -> int:
     """Split K for skinny M when the output tiles alone would leave SMs idle (GPU only).
+
+    Decided from the M bucket, not M: every M of a bucket sums its K slices the same way, so a
+    call padded within its bucket (a CUDA graph's) gives each row the bits of the unpadded call.
 
     Tuned on an H200 in bf16 (Llama-3-8B projections at M = 1..64, Bert-base at M = 16..512):
     a split pays while each slice keeps >= 768 of K (Bert's K = 3072 down projection at M = 128:
     10.1 us unsplit, 7.6 us in 4 slices); beyond that the fp32 partials cost more than the extra
     programs bring. Above M = 256 the output tiles alone fill the GPU.
     """
-    if INTERPRET or device.type != "cuda" or m > 256:
+    if INTERPRET or device.type != "cuda" or m_bucket > 256:
         return 1
     sms = num_sms(device)
-    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+    tiles = triton.cdiv(m_bucket, 64) * triton.cdiv(n, 64)
     split_k = 1
     while tiles * split_k < sms and k // (2 * split_k) >= 768 and split_k < 8:
         split_k *= 2
@@ -689,8 +692,8 @@ def matmul(
     if m == 0 or n == 0:
         return out
 
-    split_k = _pick_split_k(m, n, k, x.device)
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
+    split_k = _pick_split_k(m_bucket, n, k, x.device)
     # the epilogue's constexprs and the launch options, shared by all three kernels
     shared_meta = {
         "ACTIVATION": act_name,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zoo import graphs
+
 # The host checks for "all rows finished" every this many steps (one sync each time); the extra
 # steps a batch may run are trimmed from the output.
 STOP_CHECK_INTERVAL = 8
@@ -222,15 +224,22 @@ class DecoderOnlyLM(nn.Module):
 
     tokenizer = None
     generation_config: dict = {}
+    # on CUDA, plain calls and prefills replay CUDA graphs (zoo.graphs); False: eager
+    cuda_graph: bool = True
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] of a (left-padded) batch of token ids [B, T]."""
+        """Logits [B, T, vocab] of a (left-padded) batch of token ids [B, T]. On CUDA the call
+        replays a CUDA graph of its shape bucket (bitwise the eager result) unless
+        cuda_graph=False (or model.cuda_graph = False)."""
         check_input_ids(input_ids, self.config.vocab_size, self.device)
         positions, kv_start = left_padding(attention_mask, input_ids)
         batch, seq = input_ids.shape
@@ -238,9 +247,12 @@ class DecoderOnlyLM(nn.Module):
             raise ValueError(
                 f"input_ids: {seq} tokens exceed the model's context of {self.max_length} tokens"
             )
-        cache = self.new_cache(batch, seq)
-        cache.reset(kv_start)
+        check_cuda_graph(cuda_graph, self.device)
         with torch.inference_mode():
+            if graphs.use_graphs(self, cuda_graph):
+                return graphs.decoder_forward(self, input_ids, positions, kv_start)
+            cache = self.new_cache(batch, seq)
+            cache.reset(kv_start)
             return self.forward_cached(input_ids, positions, cache)
 
     def _check_length(self, prompt: int, max_new_tokens: int) -> None:
@@ -453,11 +465,12 @@ class DecoderOnlyLM(nn.Module):
                 pad_token_id,
                 sampling=sampling,
             )
-            runner.cache.reset(kv_start)
-            first_logits = self.forward_cached(input_ids, positions, runner.cache, last_only=True)
+            last_logits = graphs.prefill(
+                self, runner.cache, input_ids, positions, kv_start, cuda_graph
+            )
             yield from decode_steps(
                 runner,
-                first_logits[:, -1],
+                last_logits,
                 positions[:, -1:] + 1,
                 max_new_tokens,
                 input_ids,
@@ -713,7 +726,7 @@ def decode_runner(
     are part of the key. cuda_graph=None means: on CUDA devices. cache_kwargs: extra keyword
     arguments of model.new_cache (e.g. T5's encoder length bucket), also part of the key."""
     if cuda_graph is None:
-        cuda_graph = model.device.type == "cuda"
+        cuda_graph = model.device.type == "cuda" and model.cuda_graph
     bucket = -(-length // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
     bucket = min(bucket, max(model.max_length, length))
     cache_kwargs = cache_kwargs or {}

@@ -19,7 +19,8 @@ from torch import nn
 
 from kernels.attention import attention
 from kernels.embedding import embedding
-from zoo.generation import check_attention_mask, check_input_ids
+from zoo import graphs
+from zoo.generation import check_attention_mask, check_cuda_graph, check_input_ids
 from zoo.layers import LayerNorm, Linear, init_random_
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
@@ -147,7 +148,11 @@ class Bert(nn.Module):
 
     `model(input_ids, attention_mask=None, token_type_ids=None)` -> BertOutput with
     `last_hidden_state` [B, T, hidden] and `pooler_output` [B, hidden] (None without a pooler).
+    On CUDA a plain call replays a CUDA graph per shape bucket (zoo.graphs); `cuda_graph = False`
+    on the model (or per call) runs it eagerly.
     """
+
+    cuda_graph: bool = True
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -175,13 +180,15 @@ class Bert(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        cuda_graph: bool | None = None,
     ) -> BertOutput:
         """Encode a right-padded batch of token ids [B, T].
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding; each row is ones then zeros with
         at least one 1 (None: every token is real). token_type_ids [B, T] in
         [0, type_vocab_size) (None: all 0). Outputs at padded positions are computed but
-        meaningless; the real positions do not depend on them.
+        meaningless; the real positions do not depend on them. On CUDA the call replays a CUDA
+        graph of its shape bucket (bitwise the eager result) unless cuda_graph=False.
         """
         c = self.config
         check_input_ids(input_ids, c.vocab_size, self.device)
@@ -192,6 +199,10 @@ class Bert(nn.Module):
             )
         kv_end = right_padded_lengths(attention_mask, input_ids)
         token_type_ids = _check_token_types(token_type_ids, input_ids, c.type_vocab_size)
+        check_cuda_graph(cuda_graph, self.device)
+        if graphs.use_graphs(self, cuda_graph):
+            hidden, pooled = graphs.bert_forward(self, input_ids, token_type_ids, kv_end)
+            return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
         return self.encode(input_ids, token_type_ids, kv_end)
 
     def encode(

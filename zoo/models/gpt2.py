@@ -131,9 +131,11 @@ class GPT2(DecoderOnlyLM):
         positions: torch.Tensor,
         cache: KVCache,
         last_only: bool = False,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run input_ids [B, T] at `positions` [B, T] after the tokens already in `cache`, append
-        their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only)."""
+        their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only,
+        or of position last_index[b] (int64 [B]) of each row: a right-padded prompt)."""
         seq = input_ids.shape[1]
         inputs = AttentionInputs.appending(cache, seq)
         h = embedding(
@@ -142,6 +144,8 @@ class GPT2(DecoderOnlyLM):
         for i, block in enumerate(self.blocks):
             h = block(h, cache.k[i], cache.v[i], inputs)  # (B, T, n_embd)
         cache.lengths.add_(seq)
-        if last_only:
+        if last_index is not None:
+            h = h.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, h.shape[2]))  # (B, 1, hidden)
+        elif last_only:
             h = h[:, -1:]
         return matmul(self.ln_f(h), self.wte.weight)  # tied head

@@ -215,16 +215,20 @@ class Llama(DecoderOnlyLM):
         positions: torch.Tensor,
         cache: KVCache,
         last_only: bool = False,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run input_ids [B, T] at `positions` [B, T] after the tokens already in `cache`, append
-        their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only)."""
+        their keys and values to it, and return logits ([B, T, V], or [B, 1, V] with last_only,
+        or of position last_index[b] (int64 [B]) of each row: a right-padded prompt)."""
         seq = input_ids.shape[1]
         inputs = AttentionInputs.appending(cache, seq, positions, self.inv_freq)
         h = embedding(input_ids, self.embed.weight, scale=self.config.embedding_multiplier)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache.k[i], cache.v[i], inputs)  # (B, T, hidden)
         cache.lengths.add_(seq)
-        if last_only:
+        if last_index is not None:
+            h = h.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, h.shape[2]))  # (B, 1, hidden)
+        elif last_only:
             h = h[:, -1:]
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)

@@ -28,6 +28,7 @@ from kernels.embedding import embedding
 from kernels.matmul import matmul
 from kernels.relative_bias import relative_position_bias
 from kernels.rope import rope_cache_write
+from zoo import graphs
 from zoo.cache import KVCache
 from zoo.generation import (
     STOP_CHECK_INTERVAL,
@@ -327,6 +328,8 @@ class T5(nn.Module):
 
     tokenizer = None
     generation_config: dict = {}
+    # on CUDA, plain calls and the encoder pass replay CUDA graphs (zoo.graphs); False: eager
+    cuda_graph: bool = True
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
@@ -388,12 +391,22 @@ class T5(nn.Module):
             self.shared.weight.device,
         )
 
-    def encode_into(self, cache: T5Cache, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+    def encode_into(
+        self,
+        cache: T5Cache,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        cuda_graph: bool | None = None,
+    ) -> None:
         """Run the encoder over input_ids [B, T] (right-padded; lengths [B] int32 real tokens) and
-        store every decoder layer's cross-attention K/V of its output, and the lengths, in cache."""
+        store every decoder layer's cross-attention K/V of its output, and the lengths, in cache.
+        On CUDA it replays a CUDA graph of its shape bucket unless cuda_graph=False."""
         batch, seq = input_ids.shape
         if seq > cache.cross_kv.shape[2]:
             raise ValueError(f"encoder length {seq} > the cache's {cache.cross_kv.shape[2]}")
+        if graphs.use_graphs(self, cuda_graph):
+            graphs.t5_encode_into(self, cache, input_ids, lengths)
+            return
         bias = relative_position_bias(
             self.encoder.relative_bias.weight, self.encoder_buckets, seq, seq
         )  # (1, H, T, T)
@@ -444,10 +457,13 @@ class T5(nn.Module):
         input_ids: torch.Tensor,
         decoder_input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Logits [B, Td, vocab] of decoder_input_ids [B, Td] (teacher forcing: HF's decoder
         inputs start with decoder_start_token_id) given the right-padded encoder batch
-        input_ids [B, T] and its attention_mask (1 for tokens, 0 for padding)."""
+        input_ids [B, T] and its attention_mask (1 for tokens, 0 for padding). On CUDA the call
+        replays a CUDA graph of its shape bucket (bitwise the eager result) unless
+        cuda_graph=False."""
         if decoder_input_ids is None:
             raise ValueError(
                 "decoder_input_ids is required (it starts with decoder_start_token_id); "
@@ -463,10 +479,13 @@ class T5(nn.Module):
                 f"{input_ids.shape[0]}"
             )
         lengths = right_padding_lengths(attention_mask, input_ids)
+        check_cuda_graph(cuda_graph, self.device)
         batch, seq = input_ids.shape
         with torch.inference_mode():
+            if graphs.use_graphs(self, cuda_graph):
+                return graphs.t5_forward(self, input_ids, lengths, decoder_input_ids)
             cache = self.new_cache(batch, decoder_input_ids.shape[1], encoder_length=seq)
-            self.encode_into(cache, input_ids, lengths)
+            self.encode_into(cache, input_ids, lengths, cuda_graph=False)
             return self.forward_cached(decoder_input_ids, None, cache)
 
     def decoder_start_token_id(self, decoder_start_token_id: int | None = None) -> int:
@@ -601,7 +620,7 @@ class T5(nn.Module):
                 sampling=sampling,
             )
             runner.cache.reset()
-            self.encode_into(runner.cache, input_ids, lengths)
+            self.encode_into(runner.cache, input_ids, lengths, cuda_graph)
             # the first decoder step (the start token) is a decode step like the others: the
             # runner runs it (from its CUDA graph once captured)
             runner.state.tokens.copy_(start)
