@@ -70,6 +70,6 @@ def test_generation_same_with_and_without_pdl(monkeypatch, name):
     outputs = {}
     for pdl in (False, True):
         monkeypatch.setattr(kernels.utils, "PDL", pdl)
-        model.__dict__.pop("_decode_runners", None)  # capture the decode graph again
+        model.engine.reset()  # capture the decode graph again
         outputs[pdl] = model.generate(ids, max_new_tokens=48, eos_token_id=[])
     assert torch.equal(outputs[True], outputs[False]), f"{name}: tokens differ with PDL"
