@@ -202,6 +202,15 @@ def test_models_keep_the_contract(models):
         assert not any(key.startswith("_decode") for key in vars(model))
 
 
+def test_a_copied_model_has_its_own_engine(models):
+    import copy
+
+    model = models["t5"]
+    twin = copy.deepcopy(model)
+    assert twin.engine is not model.engine and twin.engine.model is twin
+    assert model.engine.model is model
+
+
 def test_engine_reset_frees_the_runner_and_ends_the_stream(models):
     model = models["llama"]
     model.generate(ids([[3, 4]]), max_new_tokens=2, eos_token_id=[])

@@ -186,6 +186,11 @@ class GenerationEngine:
     def model(self) -> GenerativeLM:
         return self._model()
 
+    def __reduce__(self):
+        # a copied or pickled model gets a fresh engine of its own (runners, streams and locks
+        # belong to one process and one model)
+        return GenerationEngine, (self.model,)
+
     @property
     def kept_runner(self) -> DecodeRunner | None:
         """The runner kept for the next call (None after reset)."""
