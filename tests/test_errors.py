@@ -8,7 +8,7 @@ the wrong device would be an illegal memory access that poisons the process, not
 Covered elsewhere, not repeated here: test_loading.py (unknown registry name, folder without
 config.json, unsupported model_type, pickle-only checkpoint, missing / mis-shaped / unexpected
 tensor, Llama's out-of-vocabulary ids and generate's context limit), test_sampling.py
-(SamplingParams' argument checks), test_bert.py (Bert's mask layouts and values, too-high ids and
+(GenerationConfig's argument checks), test_bert.py (Bert's mask layouts and values, too-high ids and
 token types, length), test_t5.py (T5's mask padding side and values, missing decoder_input_ids),
 test_rope.py (rope_inv_freq's rope_type).
 """

@@ -12,7 +12,6 @@ from helpers import DEVICE
 import kernels.utils
 import zoo
 from kernels.utils import is_hopper_or_newer, pdl_meta
-from zoo import graphs
 
 HOPPER = DEVICE == "cuda" and is_hopper_or_newer(torch.device(DEVICE))
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="PDL needs a Hopper (sm_90+) GPU")
@@ -71,7 +70,6 @@ def test_generation_same_with_and_without_pdl(monkeypatch, name):
     outputs = {}
     for pdl in (False, True):
         monkeypatch.setattr(kernels.utils, "PDL", pdl)
-        model.__dict__.pop("_decode_runners", None)  # capture the decode graph again
-        graphs.graph_pool(model).clear()  # and the prefill's (T5: the encoder pass's)
+        model.engine.reset()  # capture the decode and prefill graphs again
         outputs[pdl] = model.generate(ids, max_new_tokens=48, eos_token_id=[])
     assert torch.equal(outputs[True], outputs[False]), f"{name}: tokens differ with PDL"

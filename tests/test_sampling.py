@@ -5,16 +5,18 @@ import torch
 from helpers import DEVICE
 
 import zoo
-from zoo.generation import (
-    SamplingParams,
+from zoo.generation import GenerationConfig
+from zoo.generation.logits import (
     apply_repetition_penalty,
     choose_tokens,
+    min_p_filter,
     top_k_filter,
     top_p_filter,
 )
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import (  # noqa: E402
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -36,6 +38,14 @@ def test_top_p_keeps_hf_token_set(top_p):
     assert torch.equal(torch.isinf(top_p_filter(scores, top_p)), torch.isinf(expected))
 
 
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3, 0.9, 1.0])
+def test_min_p_keeps_hf_token_set(min_p):
+    scores = torch.randn(4, 257) * 3
+    scores[1, :5] = 4.0  # tied most likely tokens: all kept
+    expected = MinPLogitsWarper(min_p)(None, scores.clone())
+    assert torch.equal(min_p_filter(scores, min_p), expected)
+
+
 @pytest.mark.parametrize("penalty", [0.7, 1.3])
 def test_repetition_penalty_equals_hf(penalty):
     scores = torch.randn(3, 50)
@@ -52,15 +62,16 @@ def test_invalid_sampling_arguments_are_named():
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(min_p=1.5), "min_p"),
     ]:
         with pytest.raises(ValueError, match=name):
-            SamplingParams(do_sample=True, **kwargs)
+            GenerationConfig(do_sample=True, **kwargs)
 
 
 def test_sampling_draws_from_the_filtered_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20000, 1)
     generator = torch.Generator().manual_seed(0)
-    tokens = choose_tokens(logits, SamplingParams(do_sample=True, top_k=3), None, generator)
+    tokens = choose_tokens(logits, GenerationConfig(do_sample=True, top_k=3), None, generator)
     counts = torch.bincount(tokens, minlength=4).double() / tokens.numel()
     expected = torch.tensor([0.0, 1.0, 2.0]).softmax(0).double()
     assert counts[3] == 0

@@ -98,6 +98,7 @@ def test_greedy_generation_matches_hf(checkpoint):
     hf_model, model, _ = checkpoint
     # the second, shorter batch reuses the first one's decode runner: the cross-attention K/V
     # slots it does not overwrite hold the first batch's encoder output and must stay masked
+    runners = []
     for lengths in ([11, 21, 6], [4, 9, 16]):
         ids, mask = right_padded_batch(model.config.vocab_size, lengths)
         with torch.no_grad():
@@ -109,7 +110,8 @@ def test_greedy_generation_matches_hf(checkpoint):
         assert torch.equal(ours, expected), f"ours:\n{ours}\nHF:\n{expected}"
         assert ours.shape == (3, 13)  # every row ran 12 steps (no early stop hides a mismatch)
         assert (ours[:, 0] == 0).all()  # starts with decoder_start_token_id
-    assert len(model._decode_runners) == 1
+        runners.append(model.engine.kept_runner)
+    assert runners[0] is runners[1]
 
 
 def test_generation_stops_each_row_at_its_own_eos(checkpoint):

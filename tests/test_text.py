@@ -192,7 +192,7 @@ def test_stop_string_ends_each_row_exactly_before_it(model):
     ids, mask = left_padded(tokenizer, prompts)
     out = model.generate(ids, mask, max_new_tokens=14, eos_token_id=[], stop=stop)
     new = out[:, ids.shape[1] :].tolist()
-    pad = model.generation_config["eos_token_id"][0]
+    pad = model.generation_config.eos_token_id[0]
     for row, text in zip(new, free, strict=True):
         kept = [t for t in row if t != pad]
         assert tokenizer.decode(kept) == text[: text.find(stop) + len(stop)]

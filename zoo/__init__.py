@@ -44,6 +44,7 @@ def load(
     import torch
 
     from convert import hf
+    from zoo.generation import GenerationConfig
     from zoo.models import family_for
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,7 +75,7 @@ def load(
             model.init_random()
     model.init_buffers()
     model.eval().requires_grad_(False)
-    model.generation_config = generation_config
+    model.generation_config = GenerationConfig.from_dict(generation_config)
     model.tokenizer = _load_tokenizer(folder) if folder is not None else None
     return model
 

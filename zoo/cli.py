@@ -105,7 +105,9 @@ def _generate(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         print(f"zoo: {args.model}: no tokenizer.json beside the checkpoint", file=sys.stderr)
         return 2
-    if not hasattr(model, "chat"):
+    from zoo.models.contract import DecoderOnlyLM
+
+    if not isinstance(model, DecoderOnlyLM):
         print(f"zoo: {args.model}: not a decoder-only language model", file=sys.stderr)
         return 2
     sampling = dict(

@@ -20,7 +20,8 @@ from torch import nn
 from kernels.attention import attention
 from kernels.embedding import embedding
 from zoo import graphs
-from zoo.generation import check_attention_mask, check_cuda_graph, check_input_ids
+from zoo.generation import check_input_ids, right_padding_lengths
+from zoo.generation.inputs import check_cuda_graph
 from zoo.layers import LayerNorm, Linear, init_random_
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
@@ -197,7 +198,7 @@ class Bert(nn.Module):
             raise ValueError(
                 f"input_ids: {seq} tokens exceed max_position_embeddings {c.max_position_embeddings}"
             )
-        kv_end = right_padded_lengths(attention_mask, input_ids)
+        kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches")
         token_type_ids = _check_token_types(token_type_ids, input_ids, c.type_vocab_size)
         check_cuda_graph(cuda_graph, self.device)
         if graphs.use_graphs(self, cuda_graph):
@@ -219,22 +220,6 @@ class Bert(nn.Module):
         if self.pooler is not None:
             pooled = self.pooler(h[:, 0], activation="tanh")  # (B, hidden), from [CLS]
         return BertOutput(last_hidden_state=h, pooler_output=pooled)
-
-
-def right_padded_lengths(
-    attention_mask: torch.Tensor | None, input_ids: torch.Tensor
-) -> torch.Tensor | None:
-    """Real lengths [B] (int32) of a right-padded batch, or None without a mask."""
-    if attention_mask is None:
-        return None
-    mask = check_attention_mask(attention_mask, input_ids)
-    if (mask[:, 1:] > mask[:, :-1]).any():
-        raise ValueError(
-            "attention_mask: Bert batches must be right-padded (each row: ones, then zeros)"
-        )
-    if (mask[:, 0] == 0).any():
-        raise ValueError("attention_mask: a row has no real token")
-    return mask.sum(-1).to(torch.int32)
 
 
 def _check_token_types(

@@ -16,8 +16,8 @@ from torch import nn
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
-from zoo.generation import DecoderOnlyLM
 from zoo.layers import AttentionInputs, LayerNorm, Linear, SelfAttention, init_random_
+from zoo.models.contract import DecoderOnlyLM
 
 # HF GPT-2 activation names -> our matmul epilogues
 ACTIVATIONS = {
@@ -107,9 +107,6 @@ class GPT2(DecoderOnlyLM):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.blocks = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
-
-    def init_buffers(self) -> None:
-        pass
 
     def init_random(self, generator: torch.Generator | None = None) -> None:
         init_random_(self, self.config.initializer_range, generator)

@@ -18,7 +18,6 @@ from torch import nn
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
-from zoo.generation import DecoderOnlyLM
 from zoo.layers import (
     SUPPORTED_ROPE_TYPES,
     AttentionInputs,
@@ -28,6 +27,7 @@ from zoo.layers import (
     init_random_,
     rope_inv_freq,
 )
+from zoo.models.contract import DecoderOnlyLM
 
 
 @dataclass

@@ -16,7 +16,6 @@ gelu_tanh(wi_0 x) * wi_1 x, one fused gate-up matmul). bf16 is the GPU default: 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,26 +29,10 @@ from kernels.relative_bias import relative_position_bias
 from kernels.rope import rope_cache_write
 from zoo import graphs
 from zoo.cache import KVCache
-from zoo.generation import (
-    STOP_CHECK_INTERVAL,
-    DecodeRun,
-    DecodeState,
-    SamplingParams,
-    TextStream,
-    check_attention_mask,
-    check_cuda_graph,
-    check_input_ids,
-    check_max_new_tokens,
-    check_prompts,
-    decode_runner,
-    decode_steps,
-    require_tokenizer,
-    run_text,
-    run_tokens,
-    stop_ids,
-    stop_strings,
-)
+from zoo.generation import GenerationConfig, check_input_ids, right_padding_lengths
+from zoo.generation.inputs import Prompt, check_cuda_graph
 from zoo.layers import Linear, RMSNorm, init_random_
+from zoo.models.contract import GenerativeLM, Prefill
 
 # feed_forward_proj -> our matmul activation; "gated-gelu" is gelu_new (tanh), as HF's T5Config
 # sets dense_act_fn for it
@@ -318,7 +301,7 @@ class T5Stack(nn.Module):
         self.norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
 
-class T5(nn.Module):
+class T5(GenerativeLM):
     """T5 / Flan-T5 on our kernels.
 
     `model(input_ids, decoder_input_ids=d, attention_mask=mask)` -> logits [B, Td, vocab];
@@ -326,8 +309,7 @@ class T5(nn.Module):
     starting with decoder_start_token_id. Encoder batches are right-padded (mask: ones, then zeros).
     """
 
-    tokenizer = None
-    generation_config: dict = {}
+    padding_side = "right"
     # on CUDA, plain calls and the encoder pass replay CUDA graphs (zoo.graphs); False: eager
     cuda_graph: bool = True
 
@@ -390,6 +372,29 @@ class T5(nn.Module):
             self.shared.weight.dtype,
             self.shared.weight.device,
         )
+
+    def encoder_length(self, prompt_length: int) -> int:
+        return -(-prompt_length // ENCODER_LENGTH_BUCKET) * ENCODER_LENGTH_BUCKET
+
+    def generation_cache(self, batch_size: int, max_length: int, encoder_length: int) -> T5Cache:
+        return self.new_cache(batch_size, max_length, encoder_length)
+
+    def decoder_prefix(self, input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        """The decoder start ids [B, 1] (decoder_start_token_id)."""
+        start = self.decoder_start_token_id(config.decoder_start_token_id)
+        return torch.full(
+            (input_ids.shape[0], 1), start, dtype=input_ids.dtype, device=input_ids.device
+        )
+
+    def prefill(
+        self, prompt: Prompt, prefix: torch.Tensor, cache: T5Cache, cuda_graph: bool
+    ) -> Prefill:
+        """The encoder into the cache; the decoder start token is the first decode step, so it
+        runs in the CUDA graph too (positions are unused: the cache knows the step)."""
+        cache.reset()
+        self.encode_into(cache, prompt.input_ids, prompt.lengths, cuda_graph)
+        positions = torch.zeros(prefix.shape[0], 1, dtype=torch.int64, device=prefix.device)
+        return Prefill(logits=None, positions=positions, tokens=prefix)
 
     def encode_into(
         self,
@@ -478,9 +483,11 @@ class T5(nn.Module):
                 f"decoder_input_ids: batch {decoder_input_ids.shape[0]} != input_ids batch "
                 f"{input_ids.shape[0]}"
             )
-        lengths = right_padding_lengths(attention_mask, input_ids)
-        check_cuda_graph(cuda_graph, self.device)
         batch, seq = input_ids.shape
+        lengths = right_padding_lengths(attention_mask, input_ids, "T5 encoder batches")
+        if lengths is None:
+            lengths = torch.full((batch,), seq, dtype=torch.int32, device=input_ids.device)
+        check_cuda_graph(cuda_graph, self.device)
         with torch.inference_mode():
             if graphs.use_graphs(self, cuda_graph):
                 return graphs.t5_forward(self, input_ids, lengths, decoder_input_ids)
@@ -492,9 +499,9 @@ class T5(nn.Module):
         """The argument, else generation_config.json, else config.json, else the pad id (T5's
         convention)."""
         if decoder_start_token_id is None:
-            decoder_start_token_id = self.generation_config.get(
-                "decoder_start_token_id", self.config.decoder_start_token_id
-            )
+            decoder_start_token_id = self.generation_config.decoder_start_token_id
+        if decoder_start_token_id is None:
+            decoder_start_token_id = self.config.decoder_start_token_id
         if decoder_start_token_id is None:
             decoder_start_token_id = self.config.pad_token_id
         if decoder_start_token_id is None:
@@ -506,183 +513,3 @@ class T5(nn.Module):
                 f"[0, {self.config.vocab_size})"
             )
         return start
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: torch.Tensor | str | list[str],
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        decoder_start_token_id: int | None = None,
-        stop: str | list[str] | None = None,
-        stream: bool = False,
-        cuda_graph: bool | None = None,
-    ) -> torch.Tensor | str | list[str] | TextStream:
-        """Decode a right-padded encoder batch [B, T]: returns decoder ids [B, 1 + n] that start
-        with decoder_start_token_id, as HF's generate does.
-
-        The encoder runs once and its cross-attention K/V stay in the cache; each decoder step
-        appends to the self-attention KV cache. Greedy unless do_sample=True (then temperature,
-        top_k, top_p as in HF; seed makes a run reproducible on the same device);
-        repetition_penalty as HF's (it counts the decoder ids, decoder_start_token_id included).
-        Rows stop at any EOS id (default: generation_config.json, else config.json) and are then
-        padded with pad_token_id; generation ends when every row has finished or after
-        max_new_tokens. On CUDA the decode step is replayed from a CUDA graph unless
-        cuda_graph=False.
-
-        A str (or list of str) is encoded with the checkpoint's tokenizer and the decoded text is
-        returned (str or list). stop: strings that end a row; the text ends just before the first
-        one (with token ids, the row keeps the tokens up to the one completing the stop string,
-        then pads). stream=True (one str prompt) returns a TextStream of the text pieces as they
-        are produced; joined, they equal the text stream=False returns.
-        """
-        options = dict(
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            decoder_start_token_id=decoder_start_token_id,
-            cuda_graph=cuda_graph,
-        )
-        stops = stop_strings(stop)
-        if isinstance(input_ids, str | list):
-            if attention_mask is not None:
-                raise ValueError(
-                    "attention_mask: only with token ids (text prompts are padded here)"
-                )
-            return self._generate_text(input_ids, max_new_tokens, stops, stream, options)
-        if stream:
-            raise ValueError("stream=True streams text: pass a str prompt, not token ids")
-        start, run = self._decode_states(input_ids, attention_mask, max_new_tokens, **options)
-        if run is None:  # max_new_tokens == 0
-            return start
-        generated = run_tokens(self, run, len(start), stops)
-        return torch.cat([start, generated.to(input_ids.dtype)], dim=1)
-
-    def _decode_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        max_new_tokens: int,
-        check_every: int = STOP_CHECK_INTERVAL,
-        *,
-        do_sample: bool,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        repetition_penalty: float,
-        seed: int | None,
-        eos_token_id: int | list[int] | None,
-        pad_token_id: int | None,
-        decoder_start_token_id: int | None,
-        cuda_graph: bool | None,
-    ) -> tuple[torch.Tensor, DecodeRun | None]:
-        """Check the arguments now; returns the decoder start ids [B, 1] and a run whose
-        `states` encodes on its first step, then yields the decode state every check_every steps
-        and at the end (see decode_steps). The run is None when max_new_tokens == 0."""
-        sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
-        check_max_new_tokens(max_new_tokens)
-        check_input_ids(input_ids, self.config.vocab_size, self.device)
-        lengths = right_padding_lengths(attention_mask, input_ids)
-        start_id = self.decoder_start_token_id(decoder_start_token_id)
-        check_cuda_graph(cuda_graph, self.device)
-        TextStream.end_open(self)
-        batch, seq = input_ids.shape
-        start = torch.full((batch, 1), start_id, dtype=input_ids.dtype, device=input_ids.device)
-        if max_new_tokens == 0:
-            return start, None
-        eos, pad_token_id = stop_ids(self, eos_token_id, pad_token_id)
-        encoder_length = -(-seq // ENCODER_LENGTH_BUCKET) * ENCODER_LENGTH_BUCKET
-
-        def states() -> Iterator[DecodeState]:
-            runner = decode_runner(
-                self,
-                batch,
-                1 + max_new_tokens,
-                max_new_tokens,
-                cuda_graph,
-                eos,
-                pad_token_id,
-                cache_kwargs={"encoder_length": encoder_length},
-                sampling=sampling,
-            )
-            runner.cache.reset()
-            self.encode_into(runner.cache, input_ids, lengths, cuda_graph)
-            # the first decoder step (the start token) is a decode step like the others: the
-            # runner runs it (from its CUDA graph once captured)
-            runner.state.tokens.copy_(start)
-            positions = torch.zeros(batch, 1, dtype=torch.int64, device=input_ids.device)
-            yield from decode_steps(
-                runner,
-                None,
-                positions,  # unused: T5 has relative positions, the cache knows the step
-                max_new_tokens,
-                start.long(),
-                seed,
-                check_every=check_every,
-            )
-
-        return start, DecodeRun(states(), eos, pad_token_id)
-
-    def _generate_text(
-        self,
-        prompts: str | list[str],
-        max_new_tokens: int,
-        stops: tuple[str, ...],
-        stream: bool,
-        options: dict,
-    ) -> str | list[str] | TextStream:
-        """Text (or a TextStream) of the outputs for a batch of prompts."""
-        texts = check_prompts(prompts)
-        encoded = [require_tokenizer(self).encode(t).ids for t in texts]
-        if not all(encoded):
-            raise ValueError("prompt: a prompt encodes to no tokens")
-        longest = max(len(e) for e in encoded)
-        pad = self.config.pad_token_id or 0
-        ids = torch.full((len(texts), longest), pad, dtype=torch.int64)
-        mask = torch.zeros(len(texts), longest, dtype=torch.int64)
-        for row, tokens in enumerate(encoded):  # right padding
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        return run_text(
-            self,
-            lambda check_every: self._decode_states(
-                ids, mask, max_new_tokens, check_every, **options
-            )[1],
-            len(texts),
-            isinstance(prompts, str),
-            stops,
-            stream,
-        )
-
-
-def right_padding_lengths(
-    attention_mask: torch.Tensor | None, input_ids: torch.Tensor
-) -> torch.Tensor:
-    """Real tokens per row [B] (int32) of a right-padded encoder batch (each mask row: ones, then
-    zeros; at least one token)."""
-    batch, seq = input_ids.shape
-    if attention_mask is None:
-        return torch.full((batch,), seq, dtype=torch.int32, device=input_ids.device)
-    mask = check_attention_mask(attention_mask, input_ids)
-    if (mask[:, 1:] > mask[:, :-1]).any():
-        raise ValueError(
-            "attention_mask: T5 encoder batches must be right-padded (each row: ones, then zeros)"
-        )
-    if (mask[:, 0] == 0).any():
-        raise ValueError("attention_mask: a row has no real token")
-    return mask.sum(-1).to(torch.int32)
