@@ -295,7 +295,7 @@ if INTERPRET:
 else:
     _attn_fwd = triton.autotune(
         configs=_gpu_configs(),
-        key=["TQ_BUCKET", "S_BUCKET", "BH_BUCKET", "BLOCK_D", "CAUSAL", "HAS_BIAS"],
+        key=["TQ_BUCKET", "S_BUCKET", "BH_BUCKET", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_BIAS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attn_fwd_kernel)
 
