@@ -149,6 +149,7 @@ def test_out_argument():
         (2, 13, 13, 4, 4, 16, 100, [0, 4], [13, 13]),  # window longer than the sequence
         (2, 7, 70, 4, 1, 24, 9, [0, 3], [37, 25]),  # prefill into a cache holding earlier tokens
         (1, 33, 33, 3, 3, 80, 1, [0], [33]),  # each query sees only itself
+        (2, 45, 45, 2, 1, 16, 11, None, None),  # no key range: the window alone
     ],
 )
 def test_sliding_window(dtype, B, Tq, S, Hq, Hkv, D, window, starts, ends):
@@ -156,8 +157,8 @@ def test_sliding_window(dtype, B, Tq, S, Hq, Hkv, D, window, starts, ends):
     kw = dict(
         causal=True,
         scale=D**-0.5,
-        kv_start=_lengths(starts),
-        kv_end=_lengths(ends),
+        kv_start=_lengths(starts) if starts else None,
+        kv_end=_lengths(ends) if ends else None,
         window=window,
     )
     actual = attention(q, k, v, **kw)

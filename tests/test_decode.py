@@ -142,12 +142,14 @@ def test_decode_cuda_graph_replay_with_new_lengths():
         (2, 128, 8, 2, 16, [0, 0], [128, 100], 70, 4),  # splits over the windowed range
         (2, 70, 6, 3, 16, [0, 9], [13, 12], 100, 3),  # window longer than the row
         (1, 40, 4, 4, 16, [2], [40], 1, 2),  # the query sees only itself
+        (2, 70, 4, 2, 16, None, [70, 41], 9, 2),  # no kv_start: the window alone
     ],
 )
 def test_decode_sliding_window(dtype, B, S_max, Hq, Hkv, D, starts, ends, window, num_splits):
-    kv_start, kv_end = _lengths(starts), _lengths(ends)
+    kv_start, kv_end = _lengths(starts or [0] * B), _lengths(ends)
     q = torch.randn(B, 1, Hq, D, device=DEVICE, dtype=dtype)
     k, v = _cache(B, S_max, Hkv, D, dtype, kv_start, kv_end)
+    kv_start = kv_start if starts else None
     kw = dict(scale=D**-0.5, kv_start=kv_start, kv_end=kv_end, window=window)
     actual = decode_attention(q, k, v, num_splits=num_splits, **kw)
     assert_close(actual, reference(q, k, v, **kw), RTOL[dtype], f"decode window {window}")
