@@ -9,8 +9,9 @@ Mask, per batch row b: key j is visible to query i iff kv_start[b] <= j < kv_end
 causal, j <= i + (kv_end[b] - Tq): the causal mask is aligned bottom-right, i.e. the queries are
 the last Tq positions of the valid keys (prefill into a cache that already holds tokens). With a
 sliding window W (Mistral, Qwen2), also j > i + (kv_end[b] - Tq) - W: a query sees itself and
-the W - 1 keys before it. A query row with no visible key outputs exactly 0. The optional additive bias (T5 relative positions) is
-[B, Hq, Tq, S] with any strides (broadcast dims get stride 0) and is added to scale * q.k.
+the W - 1 keys before it. A query row with no visible key outputs exactly 0. The optional
+additive bias (T5 relative positions) is [B, Hq, Tq, S] with any strides (broadcast dims get
+stride 0) and is added to scale * q.k.
 
 Softmax and accumulation are fp32 (exp2 with log2(e) folded into the scale); the output is in q's
 dtype. One program handles BLOCK_M queries of one (batch, head); key blocks entirely outside
@@ -193,7 +194,7 @@ def _attn_fwd_kernel(
     end = kv_hi
     full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
     full_hi = kv_hi
-    window_shift = causal_shift  # key j is in query i's window iff j > i + window_shift
+    window_shift = causal_shift  # with a window, key j is in query i's iff j > i + window_shift
     if CAUSAL:
         m_last = tl.minimum(m_start + BLOCK_M, Tq)  # one past this block's last real row
         end = tl.minimum(end, m_last + causal_shift).to(tl.int32)

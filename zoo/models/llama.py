@@ -241,7 +241,8 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(DecoderOnlyLM):
-    """Llama 3 / Granite / Mistral / Qwen2 / Qwen3 causal LM on our kernels. `model(input_ids)` -> logits [B, T, vocab]."""
+    """Llama 3 / Granite / Mistral / Qwen2 / Qwen3 causal LM on our kernels.
+    `model(input_ids)` -> logits [B, T, vocab]."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
