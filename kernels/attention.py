@@ -7,31 +7,34 @@ size (12, 24, 80, ...): the head dim is padded to a power of two >= 16 and maske
 
 Mask, per batch row b: key j is visible to query i iff kv_start[b] <= j < kv_end[b] and, when
 causal, j <= i + (kv_end[b] - Tq): the causal mask is aligned bottom-right, i.e. the queries are
-the last Tq positions of the valid keys (prefill into a cache that already holds tokens). A query
-row with no visible key outputs exactly 0. The optional additive bias (T5 relative positions) is
-[B, Hq, Tq, S] with any strides (broadcast dims get stride 0) and is added to scale * q.k.
+the last Tq positions of the valid keys (prefill into a cache that already holds tokens). With a
+sliding window W (Mistral, Qwen2), also j > i + (kv_end[b] - Tq) - W: a query sees itself and
+the W - 1 keys before it. A query row with no visible key outputs exactly 0. The optional
+additive bias (T5 relative positions) is [B, Hq, Tq, S] with any strides (broadcast dims get
+stride 0) and is added to scale * q.k.
 
 Softmax and accumulation are fp32 (exp2 with log2(e) folded into the scale); the output is in q's
 dtype. One program handles BLOCK_M queries of one (batch, head); key blocks entirely outside
-[kv_start, kv_end) or above the causal diagonal are skipped, and blocks entirely visible run
-without the element-wise mask.
+[kv_start, kv_end), above the causal diagonal or below the window are skipped, and blocks
+entirely visible run without the element-wise mask.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.softmax import LOG2E, online_softmax_step
 from kernels.utils import (
     INTERPRET,
     check_attention_inputs,
     check_last_dim_contiguous,
+    check_window,
     dot_precision,
+    max_shared_memory,
     next_pow2,
     pdl_meta,
     wait_for_previous_grid,
 )
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -52,6 +55,7 @@ def _attn_block_loop(
     kv_lo,
     kv_hi,
     causal_shift,
+    window_shift,
     k_stride_s,
     v_stride_s,
     bias_stride_m,
@@ -59,14 +63,15 @@ def _attn_block_loop(
     qk_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N).
 
-    MASKED blocks apply the key-range and causal masks element-wise; unmasked blocks are known to
-    be fully visible to every query row of this program."""
+    MASKED blocks apply the key-range, causal and window masks element-wise; unmasked blocks are
+    known to be fully visible to every query row of this program."""
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -87,25 +92,23 @@ def _attn_block_loop(
                 mask=mask_m[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            s += bias.to(tl.float32) * 1.4426950408889634
+            s += bias.to(tl.float32) * LOG2E
         if MASKED:
             visible = mask_n[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > offs_m[:, None] + window_shift)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no visible key keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
+        acc, m_i, l_i = online_softmax_step(
+            acc,
+            m_i,
+            l_i,
+            s,
             v_base + offs_n[:, None] * v_stride_s + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
+            mask_n[:, None] & mask_d[None, :],
+            DOT_PRECISION,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -140,10 +143,12 @@ def _attn_fwd_kernel(
     GROUP,
     D,
     qk_scale,
+    window,
     TQ_BUCKET,  # autotune key only
     S_BUCKET,  # autotune key only
     BH_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     HAS_KV_END: tl.constexpr,
@@ -189,10 +194,19 @@ def _attn_fwd_kernel(
     end = kv_hi
     full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
     full_hi = kv_hi
+    window_shift = causal_shift  # with a window, key j is in query i's iff j > i + window_shift
     if CAUSAL:
         m_last = tl.minimum(m_start + BLOCK_M, Tq)  # one past this block's last real row
         end = tl.minimum(end, m_last + causal_shift).to(tl.int32)
         full_hi = tl.minimum(full_hi, m_start + 1 + causal_shift).to(tl.int32)
+        if HAS_WINDOW:
+            # blocks below the first row's window are skipped; blocks inside the last row's
+            # window are visible to every row
+            window_shift = causal_shift - window
+            first_key = tl.maximum(kv_lo, m_start + 1 + window_shift)
+            start = ((first_key // BLOCK_N) * BLOCK_N).to(tl.int32)
+            full_lo = tl.maximum(kv_lo, m_last + window_shift)
+            full_lo = (tl.cdiv(full_lo, BLOCK_N) * BLOCK_N).to(tl.int32)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     mid_lo = tl.maximum(tl.minimum(full_lo, end), start)
     mid_hi = tl.maximum(full_hi, mid_lo)
@@ -200,26 +214,26 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # leading partial block (kv_start not block aligned)
+    # leading blocks: kv_start not block aligned, or the window's lower edge
     acc, m_i, l_i = _attn_block_loop(
         acc, m_i, l_i, q, k_base, v_base, bias_base, offs_m, offs_d, mask_m, mask_d,
-        start, mid_lo, kv_lo, kv_hi, causal_shift, k_stride_s, v_stride_s,
+        start, mid_lo, kv_lo, kv_hi, causal_shift, window_shift, k_stride_s, v_stride_s,
         bias_stride_m, bias_stride_n, qk_scale,
-        True, CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION,
+        True, CAUSAL, HAS_WINDOW, HAS_BIAS, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     # interior blocks: no element-wise mask
     acc, m_i, l_i = _attn_block_loop(
         acc, m_i, l_i, q, k_base, v_base, bias_base, offs_m, offs_d, mask_m, mask_d,
-        mid_lo, mid_hi, kv_lo, kv_hi, causal_shift, k_stride_s, v_stride_s,
+        mid_lo, mid_hi, kv_lo, kv_hi, causal_shift, window_shift, k_stride_s, v_stride_s,
         bias_stride_m, bias_stride_n, qk_scale,
-        False, CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION,
+        False, CAUSAL, HAS_WINDOW, HAS_BIAS, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
-    # trailing blocks: kv_end boundary and the causal diagonal
+    # trailing blocks: kv_end boundary, the causal diagonal and the window's lower edge
     acc, m_i, l_i = _attn_block_loop(
         acc, m_i, l_i, q, k_base, v_base, bias_base, offs_m, offs_d, mask_m, mask_d,
-        mid_hi, end, kv_lo, kv_hi, causal_shift, k_stride_s, v_stride_s,
+        mid_hi, end, kv_lo, kv_hi, causal_shift, window_shift, k_stride_s, v_stride_s,
         bias_stride_m, bias_stride_n, qk_scale,
-        True, CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION,
+        True, CAUSAL, HAS_WINDOW, HAS_BIAS, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
 
     # rows with no visible key have l = 0 and acc = 0: output exactly 0
@@ -245,12 +259,13 @@ def _prune_configs(configs, named_args, **kwargs):
     tq_bucket, s_bucket = named_args["TQ_BUCKET"], named_args["S_BUCKET"]
     block_d = kwargs["BLOCK_D"]
     elem_size = named_args["q_ptr"].element_size()
+    smem_limit = max_shared_memory(named_args["q_ptr"].device)
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_M"] <= max(16, tq_bucket)
         and c.kwargs["BLOCK_N"] <= max(32, s_bucket)
-        and _smem_bytes(c, block_d, elem_size) <= 227 * 1024  # Hopper max per block
+        and _smem_bytes(c, block_d, elem_size) <= smem_limit
     ]
     return kept or [min(configs, key=lambda c: _smem_bytes(c, block_d, elem_size))]
 
@@ -281,7 +296,7 @@ if INTERPRET:
 else:
     _attn_fwd = triton.autotune(
         configs=_gpu_configs(),
-        key=["TQ_BUCKET", "S_BUCKET", "BH_BUCKET", "BLOCK_D", "CAUSAL", "HAS_BIAS"],
+        key=["TQ_BUCKET", "S_BUCKET", "BH_BUCKET", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_BIAS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attn_fwd_kernel)
 
@@ -301,16 +316,20 @@ def attention(
     kv_end: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias, masked) v, per batch row and head.
 
     q: [B, Tq, Hq, D]; k, v: [B, S, Hkv, D] (any strides, contiguous last dim; Hq % Hkv == 0).
     kv_start / kv_end: int32 [B] on q's device (None: 0 and S); key j is visible to query i iff
     kv_start[b] <= j < kv_end[b] and, if causal, j <= i + kv_end[b] - Tq. bias: broadcastable to
-    [B, Hq, Tq, S], fp32 or q's dtype. Returns [B, Tq, Hq, D] in q's dtype (or fills `out`);
-    queries that see no key get 0.
+    [B, Hq, Tq, S], fp32 or q's dtype. window (causal only; None: unlimited): a sliding window
+    of that many keys, the query's own included: key j is visible to query i only if
+    j > i + kv_end[b] - Tq - window (HF's sliding_window). Returns [B, Tq, Hq, D] in q's dtype (or
+    fills `out`); queries that see no key get 0.
     """
     bias = check_attention_inputs(q, k, v, kv_start, kv_end, bias)
+    check_window(window, causal)
     B, Tq, Hq, D = q.shape
     _, S, Hkv, _ = k.shape
     if out is None:
@@ -337,12 +356,14 @@ def attention(
         out.stride(0), out.stride(1), out.stride(2),
         *bias_strides,
         Tq, S, Hq, Hq // Hkv, D,
-        float(scale) * LOG2E,
+        float(scale) * LOG2E.value,
+        window or 0,
         # B * Hq is the grid's second axis: blocks tuned for one sequence leave SMs idle at 32
         _bucket(Tq), _bucket(S), _bucket(B * Hq),
     )  # fmt: skip
     meta = dict(
         CAUSAL=bool(causal),
+        HAS_WINDOW=window is not None,
         HAS_BIAS=bias is not None,
         HAS_KV_START=kv_start is not None,
         HAS_KV_END=kv_end is not None,

@@ -3,7 +3,8 @@
 Layout: q is [B, 1, Hq, D], k and v are [B, S_max, Hkv, D] (any strides, contiguous last dim; the
 cache is usually stored [B, Hkv, S_max, D] and passed as `.transpose(1, 2)`). Hq % Hkv == 0; D may
 be any size (padded to a power of two >= 16 and masked). Key j is visible iff
-kv_start[b] <= j < kv_end[b]; kv_start / kv_end are int32 [B] tensors read by the kernel.
+kv_start[b] <= j < kv_end[b] (and, with a sliding window W, j >= kv_end[b] - W); kv_start /
+kv_end are int32 [B] tensors read by the kernel.
 The optional bias is [B, Hq, 1, S_max] with any strides, added to the scaled scores.
 
 CUDA-graph safe: the grid (B * Hkv, num_splits) and num_splits depend only on shapes and the
@@ -18,18 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.softmax import LOG2E, online_softmax_step
 from kernels.utils import (
     INTERPRET,
     check_attention_inputs,
     check_last_dim_contiguous,
+    check_window,
     dot_precision,
     next_pow2,
     num_sms,
     pdl_meta,
     wait_for_previous_grid,
 )
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -63,7 +64,9 @@ def _decode_split_kernel(
     GROUP,
     D,
     qk_scale,
+    window,
     NUM_SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -82,6 +85,9 @@ def _decode_split_kernel(
     if HAS_KV_START:
         kv_lo = tl.maximum(tl.load(kv_start_ptr + b).to(tl.int32), 0)
     kv_hi = tl.minimum(tl.load(kv_end_ptr + b).to(tl.int32), S)
+    if HAS_WINDOW:
+        # the query sits at slot kv_hi - 1 and sees the window keys j > kv_hi - 1 - window
+        kv_lo = tl.maximum(kv_lo, kv_hi - window)
     # this split's share of [kv_lo, kv_hi), in whole blocks; trailing splits may be empty
     n_keys = tl.maximum(kv_hi - kv_lo, 0)
     chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -120,20 +126,17 @@ def _decode_split_kernel(
                 mask=mask_g[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            s += bias.to(tl.float32) * 1.4426950408889634
+            s += bias.to(tl.float32) * LOG2E
         s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
+        acc, m_i, l_i = online_softmax_step(
+            acc,
+            m_i,
+            l_i,
+            s,
             v_base + offs_n[:, None] * v_stride_s + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
+            mask_n[:, None] & mask_d[None, :],
+            DOT_PRECISION,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -229,6 +232,7 @@ def decode_attention(
     bias: torch.Tensor | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One-query attention over a KV cache: softmax(scale * q k^T + bias) v over visible keys.
 
@@ -236,11 +240,14 @@ def decode_attention(
     (optional) and kv_end: int32 [B] on q's device; key j is visible iff kv_start[b] <= j <
     kv_end[b]. bias: broadcastable to [B, Hq, 1, S_max], fp32 or q's dtype. num_splits: split-KV
     factor (default from shapes and the SM count only, so the launch is CUDA-graph safe).
-    Returns [B, 1, Hq, D] in q's dtype (or fills `out`); rows that see no key get 0.
+    window (None: unlimited): the query at slot kv_end[b] - 1 sees only keys j > kv_end[b] - 1 -
+    window (HF's sliding_window); the splits share that windowed range. Returns [B, 1, Hq, D] in
+    q's dtype (or fills `out`); rows that see no key get 0.
     """
     if q.dim() == 4 and q.shape[1] != 1:
         raise ValueError(f"q: decode takes one query per row, got Tq={q.shape[1]}")
     bias = check_attention_inputs(q, k, v, kv_start, kv_end, bias)
+    check_window(window)
     B, _, Hq, D = q.shape
     _, S_max, Hkv, _ = k.shape
     if out is None:
@@ -284,8 +291,10 @@ def decode_attention(
         *bias_strides,
         out.stride(0), out.stride(2),
         S_max, Hq, Hkv, group, D,
-        float(scale) * LOG2E,
+        float(scale) * LOG2E.value,
+        window or 0,
         NUM_SPLITS=num_splits,
+        HAS_WINDOW=window is not None,
         HAS_BIAS=bias is not None,
         HAS_KV_START=kv_start is not None,
         GROUP_PAD=group_pad,

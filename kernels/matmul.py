@@ -35,6 +35,7 @@ from kernels.utils import (
     check_last_dim_contiguous,
     dot_precision,
     is_hopper_or_newer,
+    max_shared_memory,
     next_pow2,
     num_sms,
     pdl_meta,
@@ -384,10 +385,11 @@ _INTERPRET_TMA_CONFIG = {
     "PROGRAMS_PER_SM": 1,
 }
 _TINY_WEIGHT = 1 << 18  # elements; below this every config is about as fast: skip the tuning
-_SMEM_BYTES = 224 * 1024  # Hopper allows 227 KiB of shared memory per block
 
 
-def _fits(config: triton.Config, n_acc: int, elem_bytes: int, programs: int = 1) -> bool:
+def _fits(
+    config: triton.Config, n_acc: int, elem_bytes: int, smem_limit: int, programs: int = 1
+) -> bool:
     """Whether the accumulators fit in registers and the pipelined tiles in shared memory, with
     `programs` resident programs per SM."""
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
@@ -395,7 +397,7 @@ def _fits(config: triton.Config, n_acc: int, elem_bytes: int, programs: int = 1)
     smem = config.num_stages * (bm * bk + bk * bn * n_acc) * elem_bytes
     threads = 32 * config.num_warps * programs
     # 64K registers per SM, and a thread may take up to 255 of them
-    return acc_regs <= 128 and smem * programs <= _SMEM_BYTES and threads * 255 <= 65536
+    return acc_regs <= 128 and smem * programs <= smem_limit and threads * 255 <= 65536
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -411,7 +413,8 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _MEDIUM_CONFIGS + _LARGE_CONFIGS
     else:
         bucket = _LARGE_CONFIGS
-    kept = [c for c in bucket if _fits(c, n_acc, args["x_ptr"].element_size())]
+    x = args["x_ptr"]
+    kept = [c for c in bucket if _fits(c, n_acc, x.element_size(), max_shared_memory(x.device))]
     kept = kept or [_FALLBACK_CONFIG]
     if n * n_acc * k <= _TINY_WEIGHT:
         kept = kept[:1]
@@ -463,7 +466,12 @@ def _prune_tma_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     n_acc = 2 if args["FUSED_GATE"] else 1
     elem_bytes = args["out_ptr"].element_size()
-    kept = [c for c in configs if _fits(c, n_acc, elem_bytes, programs=c.kwargs["PROGRAMS_PER_SM"])]
+    smem_limit = max_shared_memory(args["out_ptr"].device)
+    kept = [
+        c
+        for c in configs
+        if _fits(c, n_acc, elem_bytes, smem_limit, programs=c.kwargs["PROGRAMS_PER_SM"])
+    ]
     return kept or [_tma_config(64, 64, 64, 2, 4)]
 
 

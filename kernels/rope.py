@@ -9,6 +9,10 @@ handles one token, all heads:
 Caches are [B, Hkv, S, D] with a contiguous last dim. Without inv_freq (GPT-2, T5) nothing is
 rotated and the kernel only writes the cache. D must be even; it need not be a power of two.
 
+With q_norm / k_norm weights (Qwen3) each query and key head is RMS-normalised over its D values
+before it is rotated, as HF's Qwen3Attention does: statistics in fp32, the normalised head cast
+to the activation dtype, then multiplied by the weight and rounded again (Qwen3RMSNorm).
+
 Numerics: angle = position * inv_freq in fp32 (HF computes the same product in fp32); cos and sin
 are rounded to the activation dtype before use, as HF's LlamaRotaryEmbedding returns them.
 """
@@ -26,6 +30,22 @@ from kernels.utils import (
 
 
 @triton.jit
+def _head_rms_norm(
+    x1, x2, weight_ptr, offs_half, mask_half, eps, HEAD_DIM: tl.constexpr, dtype: tl.constexpr
+):
+    """RMSNorm of heads given as halves x1, x2 [BLOCK_H, BLOCK_HALF] (fp32, 0 where masked), as
+    HF's Qwen3RMSNorm: `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, rounded to dtype."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    variance = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM
+    inv_rms = tl.math.rsqrt(variance + eps)[:, None]
+    w1 = tl.load(weight_ptr + offs_half, mask=mask_half, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(weight_ptr + HALF + offs_half, mask=mask_half, other=0.0).to(tl.float32)[None, :]
+    y1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return y1, y2
+
+
+@triton.jit
 def _rope_cache_kernel(
     qkv_ptr,
     positions_ptr,
@@ -33,6 +53,8 @@ def _rope_cache_kernel(
     cache_lengths_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
     qkv_stride_b,
     qkv_stride_t,
     positions_stride_b,
@@ -43,10 +65,12 @@ def _rope_cache_kernel(
     T,
     S,
     attention_scaling,
+    norm_eps,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -86,11 +110,19 @@ def _rope_cache_kernel(
         q1_ptr = row_ptr + offs_h[:, None] * HEAD_DIM + offs_half[None, :]
         q1 = tl.load(q1_ptr, mask=mask_q, other=0.0).to(tl.float32)
         q2 = tl.load(q1_ptr + HALF, mask=mask_q, other=0.0).to(tl.float32)
+        if HAS_QK_NORM:
+            q1, q2 = _head_rms_norm(
+                q1, q2, q_norm_ptr, offs_half, mask_half, norm_eps, HEAD_DIM, dtype
+            )
         tl.store(q1_ptr, (q1 * cos - q2 * sin).to(dtype), mask=mask_q)
         tl.store(q1_ptr + HALF, (q2 * cos + q1 * sin).to(dtype), mask=mask_q)
 
         k1 = tl.load(k_in, mask=mask_k, other=0.0).to(tl.float32)
         k2 = tl.load(k_in + HALF, mask=mask_k, other=0.0).to(tl.float32)
+        if HAS_QK_NORM:
+            k1, k2 = _head_rms_norm(
+                k1, k2, k_norm_ptr, offs_half, mask_half, norm_eps, HEAD_DIM, dtype
+            )
         k_cache_dtype = k_cache_ptr.dtype.element_ty
         tl.store(k_out, (k1 * cos - k2 * sin).to(k_cache_dtype), mask=mask_k & slot_ok)
         tl.store(k_out + HALF, (k2 * cos + k1 * sin).to(k_cache_dtype), mask=mask_k & slot_ok)
@@ -122,13 +154,18 @@ def rope_cache_write(
     positions: torch.Tensor | None = None,
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Rotate q and k of a fused QKV projection and append k, v to the cache.
 
     qkv: [B, T, (Hq + 2 * Hkv) * D]; k_cache, v_cache: [B, Hkv, S, D]; cache_lengths: [B] int32,
     the slot of token t of row b is cache_lengths[b] + t (slots >= S are not written; callers
     check capacity). positions: [B, T] integer positions (needed with inv_freq); inv_freq: [D / 2]
-    fp32 (None: no rotation). Returns the query view [B, T, Hq, D] of qkv (rotated in place).
+    fp32 (None: no rotation). q_norm_weight, k_norm_weight: [D] (both or neither, with
+    inv_freq): RMSNorm (epsilon norm_eps) of every query and key head before the rotation (Qwen3).
+    Returns the query view [B, T, Hq, D] of qkv (rotated in place).
     """
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected [B, T, (Hq + 2 * Hkv) * D], got shape {tuple(qkv.shape)}")
@@ -165,6 +202,14 @@ def rope_cache_write(
     else:
         positions = cache_lengths.view(batch, 1)  # unused by the kernel
         inv_freq = qkv
+    has_qk_norm = q_norm_weight is not None or k_norm_weight is not None
+    if has_qk_norm:
+        for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            if weight is None or weight.shape != (head_dim,) or not weight.is_contiguous():
+                got = None if weight is None else tuple(weight.shape)
+                raise ValueError(f"{name}: expected a contiguous ({head_dim},) tensor, got {got}")
+        if not has_rope:
+            raise ValueError("q_norm_weight / k_norm_weight are applied with rotary (inv_freq)")
     _rope_cache_kernel[(batch * seq,)](
         qkv,
         positions,
@@ -172,6 +217,8 @@ def rope_cache_write(
         cache_lengths,
         k_cache,
         v_cache,
+        q_norm_weight if has_qk_norm else qkv,
+        k_norm_weight if has_qk_norm else qkv,
         qkv.stride(0),
         qkv.stride(1),
         positions.stride(0),
@@ -182,10 +229,12 @@ def rope_cache_write(
         seq,
         k_cache.shape[2],
         float(attention_scaling),
+        float(norm_eps),
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         HAS_ROPE=has_rope,
+        HAS_QK_NORM=has_qk_norm,
         BLOCK_H=next_pow2(max(num_q_heads, num_kv_heads)),
         BLOCK_HALF=next_pow2(head_dim // 2),
         BLOCK_D=next_pow2(head_dim),

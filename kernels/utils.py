@@ -29,6 +29,14 @@ def is_hopper_or_newer(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.cache
+def max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on a CUDA device (227 KiB on Hopper), as Triton
+    reads it for its own out-of-resources check."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
 # Programmatic dependent launch (PDL): on Hopper a kernel's programs may be scheduled while the
 # previous kernel on the stream is still finishing, so launch latency and the first instructions
 # overlap its tail. Every kernel here waits for the previous grid (wait_for_previous_grid) before
@@ -98,3 +106,13 @@ def check_attention_inputs(q, k, v, kv_start, kv_end, bias):
     if bias.dtype not in (torch.float32, q.dtype):
         raise ValueError(f"bias: dtype {bias.dtype} must be float32 or {q.dtype}")
     return bias.expand(batch, heads_q, seq_q, seq_k)
+
+
+def check_window(window: int | None, causal: bool = True) -> None:
+    """A sliding window is a positive number of keys and only applies to causal attention."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive int of keys or None, got {window!r}")
+    if not causal:
+        raise ValueError("window: a sliding window needs causal=True")

@@ -28,3 +28,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     scale = e.abs().max().item()
     rel = abs_err / max(scale, 1e-12)
     assert rel <= rtol, f"{what}: max abs error {abs_err:.3e}, relative {rel:.3e} > {rtol:.1e}"
+
+
+def left_padded_batch(vocab_size: int, seq: int, pads: int):
+    """Two rows of random ids (>= 3, clear of special ids); row 0 left-padded by `pads` zeros."""
+    ids = torch.randint(3, vocab_size, (2, seq), device=DEVICE)
+    mask = torch.ones(2, seq, dtype=torch.long, device=DEVICE)
+    mask[0, :pads] = 0
+    ids[0, :pads] = 0
+    return ids, mask

@@ -9,8 +9,10 @@ from kernels.attention import attention
 RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def reference(q, k, v, *, causal, scale, kv_start=None, kv_end=None, bias=None):
-    """Explicit mask + softmax in float64; GQA by repeat_interleave; fully masked rows -> 0."""
+def reference(q, k, v, *, causal, scale, kv_start=None, kv_end=None, bias=None, window=None):
+    """Explicit mask + softmax in float64; GQA by repeat_interleave; fully masked rows -> 0.
+    window: HF's sliding window (masking_utils.sliding_window_overlay), kv_idx > q_idx - window,
+    with q_idx the query's slot i + kv_end - Tq."""
     B, Tq, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     qd = q.double().transpose(1, 2)  # (B, Hq, Tq, D)
@@ -23,6 +25,8 @@ def reference(q, k, v, *, causal, scale, kv_start=None, kv_end=None, bias=None):
     visible = (j >= start[:, None, None]) & (j < end[:, None, None])  # (B, Tq, S)
     if causal:
         visible = visible & (j <= i + (end - Tq)[:, None, None])
+    if window is not None:
+        visible = visible & (j > i + (end - Tq)[:, None, None] - window)
     visible = visible[:, None].to(q.device)  # (B, 1, Tq, S)
     # zero masked keys first: a NaN in an unused cache slot must not leak into the reference
     kd = torch.nan_to_num(kd)
@@ -134,3 +138,45 @@ def test_out_argument():
     result = attention(q, k, v, causal=True, scale=0.5, out=out)
     assert result.data_ptr() == out.data_ptr()
     assert_close(out, reference(q, k, v, causal=True, scale=0.5), RTOL[torch.float32], "out=")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B, Tq, S, Hq, Hkv, D, window, starts, ends",
+    [
+        (2, 70, 70, 4, 2, 24, 5, [0, 3], [70, 70]),  # window smaller than a block, left padding
+        (1, 70, 70, 2, 1, 16, 40, [0], [70]),  # window over one block: skipped and full blocks
+        (2, 13, 13, 4, 4, 16, 100, [0, 4], [13, 13]),  # window longer than the sequence
+        (2, 7, 70, 4, 1, 24, 9, [0, 3], [37, 25]),  # prefill into a cache holding earlier tokens
+        (1, 33, 33, 3, 3, 80, 1, [0], [33]),  # each query sees only itself
+        (2, 45, 45, 2, 1, 16, 11, None, None),  # no key range: the window alone
+    ],
+)
+def test_sliding_window(dtype, B, Tq, S, Hq, Hkv, D, window, starts, ends):
+    q, k, v = _qkv(B, Tq, S, Hq, Hkv, D, dtype)
+    kw = dict(
+        causal=True,
+        scale=D**-0.5,
+        kv_start=_lengths(starts) if starts else None,
+        kv_end=_lengths(ends) if ends else None,
+        window=window,
+    )
+    actual = attention(q, k, v, **kw)
+    expected = reference(q, k, v, **kw)
+    assert_close(actual, expected, RTOL[dtype], f"window {window}")
+
+
+def test_window_larger_than_sequence_equals_no_window():
+    q, k, v = _qkv(2, 33, 33, 4, 2, 16, torch.float32)
+    kw = dict(causal=True, scale=0.25, kv_start=_lengths([0, 5]))
+    assert torch.equal(attention(q, k, v, **kw, window=33), attention(q, k, v, **kw))
+
+
+@pytest.mark.parametrize(
+    "window, causal, match",
+    [(0, True, "positive int"), (4.0, True, "positive int"), (4, False, "causal=True")],
+)
+def test_bad_window(window, causal, match):
+    q, k, v = _qkv(1, 4, 4, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, causal=causal, scale=0.25, window=window)

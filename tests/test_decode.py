@@ -10,8 +10,9 @@ from kernels.decode import decode_attention
 RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def reference(q, k, v, *, scale, kv_end, kv_start=None, bias=None):
-    """One query per row: explicit key-range mask + softmax in float64; no visible key -> 0."""
+def reference(q, k, v, *, scale, kv_end, kv_start=None, bias=None, window=None):
+    """One query per row: explicit key-range mask + softmax in float64; no visible key -> 0.
+    window: HF's sliding window, key j visible iff j > (kv_end - 1) - window."""
     B, _, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     qd = q.double().transpose(1, 2)  # (B, Hq, 1, D)
@@ -20,7 +21,10 @@ def reference(q, k, v, *, scale, kv_end, kv_start=None, bias=None):
     start = kv_start.long().cpu() if kv_start is not None else torch.zeros(B, dtype=torch.long)
     end = kv_end.long().cpu()
     j = torch.arange(S)[None, :]
-    visible = ((j >= start[:, None]) & (j < end[:, None]))[:, None, None, :].to(q.device)
+    visible = (j >= start[:, None]) & (j < end[:, None])
+    if window is not None:
+        visible = visible & (j > end[:, None] - 1 - window)
+    visible = visible[:, None, None, :].to(q.device)
     scores = scale * (qd @ kd.transpose(-1, -2))  # (B, Hq, 1, S)
     if bias is not None:
         scores = scores + bias.double()
@@ -128,3 +132,36 @@ def test_decode_cuda_graph_replay_with_new_lengths():
         torch.cuda.synchronize()
         expected = reference(q, k, v, scale=0.125, kv_end=kv_end)
         assert_close(out, expected, RTOL[dtype], f"graph replay kv_end={ends}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B, S_max, Hq, Hkv, D, starts, ends, window, num_splits",
+    [
+        (2, 70, 4, 2, 24, [0, 3], [70, 33], 5, None),  # window smaller than a block
+        (2, 128, 8, 2, 16, [0, 0], [128, 100], 70, 4),  # splits over the windowed range
+        (2, 70, 6, 3, 16, [0, 9], [13, 12], 100, 3),  # window longer than the row
+        (1, 40, 4, 4, 16, [2], [40], 1, 2),  # the query sees only itself
+        (2, 70, 4, 2, 16, None, [70, 41], 9, 2),  # no kv_start: the window alone
+    ],
+)
+def test_decode_sliding_window(dtype, B, S_max, Hq, Hkv, D, starts, ends, window, num_splits):
+    kv_start, kv_end = _lengths(starts or [0] * B), _lengths(ends)
+    q = torch.randn(B, 1, Hq, D, device=DEVICE, dtype=dtype)
+    k, v = _cache(B, S_max, Hkv, D, dtype, kv_start, kv_end)
+    kv_start = kv_start if starts else None
+    kw = dict(scale=D**-0.5, kv_start=kv_start, kv_end=kv_end, window=window)
+    actual = decode_attention(q, k, v, num_splits=num_splits, **kw)
+    assert_close(actual, reference(q, k, v, **kw), RTOL[dtype], f"decode window {window}")
+
+
+def test_decode_window_matches_causal_attention():
+    """The windowed decode step is the last row of windowed causal prefill."""
+    B, S_max, Hq, Hkv, D, window = 2, 50, 4, 2, 16, 7
+    kv_start, kv_end = _lengths([0, 4]), _lengths([50, 21])
+    q = torch.randn(B, 1, Hq, D, device=DEVICE)
+    k, v = _cache(B, S_max, Hkv, D, torch.float32, kv_start, kv_end)
+    kw = dict(scale=D**-0.5, kv_start=kv_start, kv_end=kv_end, window=window)
+    actual = decode_attention(q, k, v, num_splits=3, **kw)
+    expected = attention(q, k, v, causal=True, **kw)
+    assert_close(actual, expected, RTOL[torch.float32], "windowed decode vs attention")

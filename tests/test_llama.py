@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, left_padded_batch
 
 import zoo
 
@@ -116,14 +116,6 @@ def checkpoint(request, tmp_path_factory):
         assert (path / "model.safetensors.index.json").is_file()
     model = zoo.load(path, device=DEVICE, dtype=torch.float32)
     return hf_model.to(DEVICE), model
-
-
-def left_padded_batch(vocab_size: int, seq: int, pads: int):
-    ids = torch.randint(3, vocab_size, (2, seq), device=DEVICE)
-    mask = torch.ones(2, seq, dtype=torch.long, device=DEVICE)
-    mask[0, :pads] = 0
-    ids[0, :pads] = 0
-    return ids, mask
 
 
 def test_logits_match_hf(checkpoint):

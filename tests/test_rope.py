@@ -105,3 +105,68 @@ def test_llama3_inv_freq_matches_hf():
 def test_unsupported_rope_type():
     with pytest.raises(ValueError, match="yarn.*supported: default, llama3"):
         rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+
+
+def reference_head_rms_norm(x, weight, eps):
+    """HF Qwen3RMSNorm over the head dim: fp32 statistics, cast back, times the weight."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim", [(2, 5, 4, 2, 16), (1, 3, 3, 1, 24)])
+def test_qk_norm_then_rope(dtype, batch, seq, heads, kv_heads, head_dim):
+    """Qwen3: per-head RMSNorm of q and k (own weights) before the rotation; v untouched."""
+    eps = 1e-6
+    inv_freq = rope_inv_freq(head_dim, 1000000.0, None).to(DEVICE)
+    qkv = 3.0 * torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    original = qkv.clone()
+    q_weight = (1.0 + 0.3 * torch.randn(head_dim, device=DEVICE)).to(dtype)
+    k_weight = (1.0 + 0.3 * torch.randn(head_dim, device=DEVICE)).to(dtype)
+    positions = torch.randint(0, 100, (batch, seq), device=DEVICE)
+    k_cache = torch.zeros(batch, kv_heads, seq + 2, head_dim, device=DEVICE, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    lengths = torch.tensor([1] * batch, dtype=torch.int32, device=DEVICE)
+    q = rope_cache_write(
+        qkv,
+        k_cache,
+        v_cache,
+        lengths,
+        num_q_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        positions=positions,
+        inv_freq=inv_freq,
+        q_norm_weight=q_weight,
+        k_norm_weight=k_weight,
+        norm_eps=eps,
+    )
+    parts = original.view(batch, seq, heads + 2 * kv_heads, head_dim)
+    q_ref = reference_rope(
+        reference_head_rms_norm(parts[:, :, :heads], q_weight, eps), positions, inv_freq
+    )
+    k_normed = reference_head_rms_norm(parts[:, :, heads : heads + kv_heads], k_weight, eps)
+    k_ref = reference_rope(k_normed, positions, inv_freq)
+    assert_close(q, q_ref, RTOL[dtype], "q")
+    assert_close(k_cache[:, :, 1 : 1 + seq].transpose(1, 2), k_ref, RTOL[dtype], "k cache")
+    assert torch.equal(v_cache[:, :, 1 : 1 + seq].transpose(1, 2), parts[:, :, heads + kv_heads :])
+
+
+def test_qk_norm_needs_both_weights():
+    qkv = torch.randn(1, 2, 3 * 16, device=DEVICE)
+    cache = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    lengths = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="k_norm_weight"):
+        rope_cache_write(
+            qkv,
+            cache,
+            cache.clone(),
+            lengths,
+            num_q_heads=1,
+            num_kv_heads=1,
+            head_dim=16,
+            positions=torch.zeros(1, 2, dtype=torch.long, device=DEVICE),
+            inv_freq=rope_inv_freq(16, 10000.0, None).to(DEVICE),
+            q_norm_weight=torch.ones(16, device=DEVICE),
+        )

@@ -121,8 +121,13 @@ class AttentionInputs:
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection -> (rotary + cache write) -> attention -> output projection with the
-    residual add fused into its epilogue."""
+    """Fused QKV projection -> (q/k norm + rotary + cache write) -> attention -> output projection
+    with the residual add fused into its epilogue.
+
+    out_bias: the output projection's bias (None: same as `bias`; Qwen2 has q/k/v biases only).
+    window: sliding-window attention over that many keys (None: all). qk_norm_eps: per-head
+    RMSNorm of q and k before the rotation, with weights q_norm / k_norm (Qwen3; None: none).
+    """
 
     def __init__(
         self,
@@ -133,6 +138,9 @@ class SelfAttention(nn.Module):
         bias: bool,
         scale: float,
         causal: bool = True,
+        out_bias: bool | None = None,
+        window: int | None = None,
+        qk_norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -140,8 +148,12 @@ class SelfAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.causal = causal
+        self.window = window
         self.qkv = Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
-        self.out = Linear(num_heads * head_dim, hidden_size, bias)
+        self.out = Linear(num_heads * head_dim, hidden_size, bias if out_bias is None else out_bias)
+        # weight holders: the rotary kernel applies them
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
     def forward(
         self,
@@ -164,11 +176,18 @@ class SelfAttention(nn.Module):
             head_dim=self.head_dim,
             positions=inputs.positions,
             inv_freq=inputs.inv_freq,
+            **self._qk_norm_args(),
         )  # (B, T, H, D), a view of qkv
         k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, S, Hkv, D)
         if inputs.decode:
             o = decode_attention(
-                q, k, v, scale=self.scale, kv_start=inputs.kv_start, kv_end=inputs.kv_end
+                q,
+                k,
+                v,
+                scale=self.scale,
+                kv_start=inputs.kv_start,
+                kv_end=inputs.kv_end,
+                window=self.window,
             )
         else:
             o = attention(
@@ -179,9 +198,19 @@ class SelfAttention(nn.Module):
                 scale=self.scale,
                 kv_start=inputs.kv_start,
                 kv_end=inputs.kv_end,
+                window=self.window,
             )
         o = o.view(batch, seq, self.num_heads * self.head_dim)
         return self.out(o, residual=residual, alpha=residual_scale)
+
+    def _qk_norm_args(self) -> dict:
+        if self.q_norm is None:
+            return {}
+        return dict(
+            q_norm_weight=self.q_norm.weight,
+            k_norm_weight=self.k_norm.weight,
+            norm_eps=self.q_norm.eps,
+        )
 
 
 def init_random_(model: nn.Module, std: float, generator: torch.Generator | None = None) -> None:

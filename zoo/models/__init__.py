@@ -56,6 +56,9 @@ def _bert() -> Family:
 FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[], Family]]] = {
     "llama": (("LlamaForCausalLM",), _llama),
     "granite": (("GraniteForCausalLM",), _llama),
+    "mistral": (("MistralForCausalLM",), _llama),
+    "qwen2": (("Qwen2ForCausalLM",), _llama),
+    "qwen3": (("Qwen3ForCausalLM",), _llama),
     "t5": (("T5ForConditionalGeneration",), _t5),
     "gpt2": (("GPT2LMHeadModel", "GPT2Model"), _gpt2),
     "bert": (("BertModel", "BertForMaskedLM", "BertForPreTraining"), _bert),

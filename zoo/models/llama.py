@@ -1,7 +1,10 @@
-"""Llama 3 and Granite: one decoder-only model.
+"""Llama 3, Granite, Mistral, Qwen2 / Qwen2.5 and Qwen3: one decoder-only model.
 
 Granite 3 is Llama plus four multipliers (embedding, attention scale, residual branch, logits);
-Granite Code is Llama with attention and MLP biases and a tied head. The block:
+Granite Code is Llama with attention and MLP biases and a tied head. Mistral is Llama with an
+optional sliding window; Qwen2 adds q/k/v biases and a sliding window on the layers from
+max_window_layers on (when use_sliding_window); Qwen3 normalises each q and k head (RMSNorm)
+before the rotation. The block:
     h = embed(ids) * embedding_multiplier
     h = h + residual_multiplier * o_proj(attn(rope(qkv(rms_norm(h)))))
     h = h + residual_multiplier * down(silu(gate(x)) * up(x)),  x = rms_norm(h)
@@ -44,8 +47,14 @@ class LlamaConfig:
     rope_theta: float
     rope_scaling: dict | None
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k, v and o projections
     mlp_bias: bool = False
+    qkv_bias: bool | None = None  # q, k, v only (Qwen2); None: attention_bias
+    sliding_window: int | None = None  # keys a query sees, itself included (None: all)
+    # per layer "full_attention" or "sliding_attention" (HF layer_types); None: every layer
+    # slides when sliding_window is set (Mistral)
+    layer_types: tuple[str, ...] | None = None
+    qk_norm: bool = False  # RMSNorm of each q and k head before the rotation (Qwen3)
     # Granite's multipliers (1.0 and head_dim**-0.5 reproduce Llama)
     embedding_multiplier: float = 1.0
     attention_multiplier: float | None = None
@@ -59,17 +68,26 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.attention_multiplier is None:
             self.attention_multiplier = self.head_dim**-0.5
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
         _check_rope_scaling(self.rope_scaling)
+        _check_window(self.sliding_window, self.layer_types, self.num_layers)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_kv_heads}"
             )
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        """From a `llama` or `granite` config.json (transformers 4.x `rope_theta`/`rope_scaling`
-        or 5.x `rope_parameters`)."""
+        """From a `llama`, `granite`, `mistral`, `qwen2` or `qwen3` config.json (transformers 4.x
+        `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
         hidden = hf["hidden_size"]
         heads = hf["num_attention_heads"]
         rope = hf.get("rope_parameters")
@@ -79,11 +97,12 @@ class LlamaConfig:
         else:
             theta = hf.get("rope_theta", 10000.0)
             scaling = hf.get("rope_scaling")
+        model_type = hf.get("model_type")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(
-                f"unsupported hidden_act {hf['hidden_act']!r} for llama; supported: silu"
+                f"unsupported hidden_act {hf['hidden_act']!r} for {model_type}; supported: silu"
             )
-        is_granite = hf.get("model_type") == "granite"
+        is_granite = model_type == "granite"
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -99,6 +118,9 @@ class LlamaConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
+            qkv_bias=True if model_type == "qwen2" else None,
+            **_sliding_window_from_hf(hf),
+            qk_norm=model_type == "qwen3",
             embedding_multiplier=hf.get("embedding_multiplier", 1.0) if is_granite else 1.0,
             attention_multiplier=hf.get("attention_multiplier", 1.0) if is_granite else None,
             residual_multiplier=hf.get("residual_multiplier", 1.0) if is_granite else 1.0,
@@ -133,6 +155,55 @@ def _check_rope_scaling(scaling: dict | None) -> None:
         raise ValueError(f"rope_type {rope_type!r} needs rope_scaling keys: {', '.join(missing)}")
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_window_from_hf(hf: dict) -> dict:
+    """sliding_window and layer_types as HF's Mistral and Qwen2 / Qwen3 read them. Mistral: the
+    window (when not null) applies to every layer. Qwen: only with use_sliding_window, and then
+    (unless config.json lists layer_types) on the layers i >= max_window_layers."""
+    model_type = hf.get("model_type")
+    if model_type == "mistral":
+        if hf.get("layer_types") is not None:
+            raise ValueError(
+                "unsupported config.json key 'layer_types' for model_type 'mistral' (alternating "
+                "sliding / full attention); Mistral applies sliding_window to every layer"
+            )
+        return {"sliding_window": hf.get("sliding_window")}
+    if model_type not in ("qwen2", "qwen3"):
+        return {}
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first_sliding = hf.get("max_window_layers", 28)
+        layer_types = [
+            "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
+    if window is None and "sliding_attention" in layer_types:
+        raise ValueError(
+            "config.json layer_types has 'sliding_attention' layers but no sliding_window "
+            "(use_sliding_window is false or sliding_window is null)"
+        )
+    return {"sliding_window": window, "layer_types": tuple(layer_types)}
+
+
+def _check_window(window: int | None, layer_types: tuple[str, ...] | None, num_layers: int):
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window: expected a positive int or null, got {window!r}")
+    if layer_types is None:
+        return
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"layer_types: {len(layer_types)} entries for num_hidden_layers {num_layers}"
+        )
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"unsupported layer_types {unknown} (config.json); supported: {', '.join(LAYER_TYPES)}"
+        )
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -145,7 +216,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.residual_multiplier = config.residual_multiplier
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -154,9 +225,12 @@ class LlamaBlock(nn.Module):
             config.num_heads,
             config.num_kv_heads,
             config.head_dim,
-            bias=config.attention_bias,
+            bias=config.qkv_bias,
             scale=config.attention_multiplier,
             causal=True,
+            out_bias=config.attention_bias,
+            window=config.layer_window(layer),
+            qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
         )
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
@@ -167,13 +241,14 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(DecoderOnlyLM):
-    """Llama 3 / Granite causal LM on our kernels. `model(input_ids)` -> logits [B, T, vocab]."""
+    """Llama 3 / Granite / Mistral / Qwen2 / Qwen3 causal LM on our kernels.
+    `model(input_ids)` -> logits [B, T, vocab]."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # a tied head reads the embedding matrix itself (no second parameter to keep in sync)
         self.lm_head = (
