@@ -338,7 +338,9 @@ def test_quantized_checkpoint_is_refused(copy_of, monkeypatch):
 def test_load_arguments(folders):
     with pytest.raises(ValueError, match=r"dtype: expected float32, float16 or bfloat16.*int8"):
         zoo.load(folders["llama"], device=DEVICE, dtype=torch.int8)
-    with pytest.raises(ValueError, match="pretrained=False takes a registry name, not a folder"):
+    with pytest.raises(
+        ValueError, match="pretrained=False takes a registry name or an HF repo id, not a folder"
+    ):
         zoo.load(folders["llama"], pretrained=False)
 
 
