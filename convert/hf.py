@@ -95,7 +95,13 @@ def _is_connection_error(error: Exception) -> bool:
     """httpx / requests / socket failures to connect or time out (the HTTP library depends on the
     huggingface_hub version)."""
     names = {cls.__name__ for cls in type(error).__mro__}
-    connection_names = {"ConnectError", "ConnectionError", "ConnectTimeout", "TimeoutException"}
+    connection_names = {
+        "ConnectError",
+        "ConnectionError",
+        "NetworkError",
+        "Timeout",
+        "TimeoutException",
+    }
     return bool(names & connection_names) or isinstance(error, (ConnectionError, TimeoutError))
 
 
