@@ -74,7 +74,7 @@ def load(
 
     folder, hf_config, generation_config = _resolve(name_or_path, pretrained, revision, hf)
     if device.type == "cpu":
-        use_interpreter()  # before zoo.models imports the kernels
+        use_interpreter(gpu_present=torch.cuda.is_available())  # before the kernels are imported
     from zoo.models import family_for
 
     source = str(folder or name_or_path)
@@ -119,26 +119,39 @@ def check_cpu_dtype(dtype: torch.dtype) -> None:
 _interpreter_announced = False
 
 
-def use_interpreter() -> None:
+def use_interpreter(gpu_present: bool = False) -> None:
     """Make the Triton kernels run on the CPU through Triton's interpreter: TRITON_INTERPRET=1
-    must be set before the kernels are defined (imported), so it is set here, before zoo.load
-    imports them, with one warning that it is slow. Kernels already imported without it cannot
-    switch: refused with what to do instead."""
+    must be set before triton is first imported (triton.language's own helpers are defined at
+    import), so it is set here, before zoo.load imports the kernels, with one warning that it is
+    slow. A triton imported without it cannot switch: refused with what to do instead.
+    On a machine with a GPU the process is left as it is (the interpreter would slow down every
+    GPU model of the process too): a CPU model there needs TRITON_INTERPRET=1 from the start."""
     global _interpreter_announced
     value = os.environ.get("TRITON_INTERPRET")
     if value == "1":
+        return
+    if gpu_present:
+        if not _interpreter_announced:
+            _interpreter_announced = True
+            warnings.warn(
+                "zoo: a model on the CPU runs its kernels only through Triton's interpreter; on "
+                "this GPU machine zoo does not switch the process to it: set TRITON_INTERPRET=1 "
+                "before starting Python to run CPU models (slow), or use device='cuda'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return
     if value is not None and value != "":
         raise RuntimeError(
             f"TRITON_INTERPRET={value}: on the CPU the kernels run through Triton's interpreter; "
             "unset TRITON_INTERPRET (zoo sets it) or set TRITON_INTERPRET=1"
         )
-    if "kernels.utils" in sys.modules:
+    if "triton" in sys.modules:  # its own jit helpers are already compiled-mode functions
         raise RuntimeError(
-            "the CPU needs Triton's interpreter, but the zoo kernels were already imported "
-            "without it (TRITON_INTERPRET=1 must be set before they are imported). Start Python "
+            "the CPU needs Triton's interpreter, but triton was already imported without it "
+            "(TRITON_INTERPRET=1 must be set before triton is first imported). Start Python "
             "with TRITON_INTERPRET=1 in the environment (e.g. `TRITON_INTERPRET=1 python "
-            "script.py`), or call zoo.load before importing anything from kernels"
+            "script.py`), or call zoo.load before anything imports triton"
         )
     os.environ["TRITON_INTERPRET"] = "1"
     if not _interpreter_announced:
