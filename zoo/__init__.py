@@ -2,7 +2,7 @@
 
     import zoo
     zoo.list_models()
-    model = zoo.load("llama3-8b")                  # a registry name, or a local HF checkpoint folder
+    model = zoo.load("llama3-8b")   # a registry name, an HF repo id ("org/name") or a local folder
     ids = model.generate(input_ids, max_new_tokens=32)
 
 Importing this package is cheap: torch, triton and the models load on the first `load`.
