@@ -973,3 +973,26 @@ def test_bad_rope_settings(copy_of, monkeypatch, settings, message):
     refuse_weight_reads(monkeypatch)
     with pytest.raises(ValueError, match=message):
         zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(model_type=None), r"config\.json has no model_type"),
+        (dict(model_type=["llama"]), r"config\.json model_type \['llama'\]"),
+        (dict(architectures="LlamaForCausalLM"), r"config\.json architectures: expected a list"),
+        (dict(architectures=[3]), r"config\.json architectures: expected a list of class"),
+    ],
+)
+def test_model_type_and_architectures_are_checked(copy_of, changes, message):
+    folder = copy_of("llama")
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}: {message}"):
+        zoo.load(folder, device=DEVICE)
+
+
+def test_error_classes_are_on_the_package():
+    assert zoo.CheckpointError is CheckpointError
+    assert issubclass(zoo.HubError, OSError)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        zoo.nothing  # noqa: B018

@@ -25,7 +25,17 @@ if TYPE_CHECKING:
 
     import torch
 
-__all__ = ["list_models", "load"]
+__all__ = ["CheckpointError", "HubError", "list_models", "load"]
+
+
+def __getattr__(name: str):
+    # the error classes live with the loader (which imports torch): imported when first asked for
+    if name in ("CheckpointError", "HubError"):
+        from convert import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
 
 # A Hugging Face repo id: "org/name" (one slash; names of letters, digits, "-", "_", ".").
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -78,6 +88,7 @@ def load(
     from zoo.models import family_for
 
     source = str(folder or name_or_path)
+    _check_identity(hf_config, source)
     family = family_for(hf_config, source)
     config = _config(family, hf_config, source, hf)
     files = hf.safetensors_files(folder) if pretrained else []
@@ -162,6 +173,23 @@ def use_interpreter(gpu_present: bool = False) -> None:
             "for real work)",
             RuntimeWarning,
             stacklevel=3,
+        )
+
+
+def _check_identity(hf_config: dict, source: str) -> None:
+    """config.json's model_type (a string) and architectures (a list of strings), which choose
+    the family, before they are looked up."""
+    model_type = hf_config.get("model_type")
+    if not isinstance(model_type, str):
+        problem = "has no model_type" if model_type is None else f"model_type {model_type!r}"
+        raise ValueError(f"{source}: config.json {problem}: expected the architecture's name")
+    architectures = hf_config.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise ValueError(
+            f"{source}: config.json architectures: expected a list of class names, got "
+            f"{architectures!r}"
         )
 
 
