@@ -79,12 +79,12 @@ def load(
         raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
     if device.type == "cpu":
         check_cpu_dtype(dtype)
+        use_interpreter(gpu_present=torch.cuda.is_available())
 
     from convert import hf
 
     folder, hf_config, generation_config = _resolve(name_or_path, pretrained, revision, hf)
-    if device.type == "cpu":
-        use_interpreter(gpu_present=torch.cuda.is_available())  # before the kernels are imported
+    _announce_interpreter()  # after the name resolved: a typo gets its own error only
     from zoo.models import family_for
 
     source = str(folder or name_or_path)
@@ -127,35 +127,35 @@ def check_cpu_dtype(dtype: torch.dtype) -> None:
         )
 
 
-_interpreter_announced = False
+# use_interpreter's warning, until load has given it (once per process)
+_interpreter_notice: str | None = None
+_interpreter_noted = False
 
 
 def use_interpreter(gpu_present: bool = False) -> None:
     """Make the Triton kernels run on the CPU through Triton's interpreter: TRITON_INTERPRET=1
     must be set before triton is first imported (triton.language's own helpers are defined at
-    import), so it is set here, before zoo.load imports the kernels, with one warning that it is
-    slow. A triton imported without it cannot switch: refused with what to do instead.
-    On a machine with a GPU the process is left as it is (the interpreter would slow down every
-    GPU model of the process too): a CPU model there needs TRITON_INTERPRET=1 from the start."""
-    global _interpreter_announced
+    import), so it is set here, before zoo.load imports the kernels, and a warning that it is
+    slow is queued. A triton imported without it cannot switch: refused with what to do
+    instead. On a machine with a GPU the process is left as it is (the interpreter would slow
+    down every GPU model of the process too): a CPU model there needs TRITON_INTERPRET=1 from
+    the start, which the queued warning says."""
+    global _interpreter_notice, _interpreter_noted
     value = os.environ.get("TRITON_INTERPRET")
-    if value == "1":
+    if value == "1" or _interpreter_noted:
         return
     if gpu_present:
-        if not _interpreter_announced:
-            _interpreter_announced = True
-            warnings.warn(
-                "zoo: a model on the CPU runs its kernels only through Triton's interpreter; on "
-                "this GPU machine zoo does not switch the process to it: set TRITON_INTERPRET=1 "
-                "before starting Python to run CPU models (slow), or use device='cuda'",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _interpreter_noted = True
+        _interpreter_notice = (
+            "zoo: a model on the CPU runs its kernels only through Triton's interpreter; on "
+            "this GPU machine zoo does not switch the process to it: set TRITON_INTERPRET=1 "
+            "before starting Python to run CPU models (slow), or use device='cuda'"
+        )
         return
     if value is not None and value != "":
         raise RuntimeError(
-            f"TRITON_INTERPRET={value}: on the CPU the kernels run through Triton's interpreter; "
-            "unset TRITON_INTERPRET (zoo sets it) or set TRITON_INTERPRET=1"
+            f"TRITON_INTERPRET={value}: on the CPU the kernels run through Triton's "
+            "interpreter; unset TRITON_INTERPRET (zoo sets it) or set TRITON_INTERPRET=1"
         )
     if "triton" in sys.modules:  # its own jit helpers are already compiled-mode functions
         raise RuntimeError(
@@ -165,15 +165,19 @@ def use_interpreter(gpu_present: bool = False) -> None:
             "script.py`), or call zoo.load before anything imports triton"
         )
     os.environ["TRITON_INTERPRET"] = "1"
-    if not _interpreter_announced:
-        _interpreter_announced = True
-        warnings.warn(
-            "zoo: no GPU, so the Triton kernels run on the CPU through Triton's interpreter "
-            "(TRITON_INTERPRET=1, set by zoo): correct in float32 / float16 but slow (use a GPU "
-            "for real work)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    _interpreter_noted = True
+    _interpreter_notice = (
+        "zoo: no GPU, so the Triton kernels run on the CPU through Triton's interpreter "
+        "(TRITON_INTERPRET=1, set by zoo): correct in float32 / float16 but slow (use a GPU "
+        "for real work)"
+    )
+
+
+def _announce_interpreter() -> None:
+    global _interpreter_notice
+    if _interpreter_notice is not None:
+        warnings.warn(_interpreter_notice, RuntimeWarning, stacklevel=3)
+        _interpreter_notice = None
 
 
 def _check_identity(hf_config: dict, source: str) -> None:
