@@ -261,14 +261,14 @@ def check_checkpoint(
     """The checkpoint's tensor names against the key map, from the headers, before the model
     is built: missing and unexpected tensors are reported by count and first few keys (a config
     that asks for 50 layers of a 2-layer checkpoint fails here, at once)."""
-    folder = next(iter(headers.values())).file.parent if headers else None
+    where = f"{next(iter(headers.values())).file.parent}: " if headers else ""
     present = {normalize_key(key): key for key in headers}
     unexpected = [
         f"{key} ({headers[key].file.name})" for n, key in present.items() if n not in key_map
     ]
     if unexpected:
         raise CheckpointError(
-            f"{folder}: {len(unexpected)} unexpected tensor(s) in the checkpoint (not used by this "
+            f"{where}{len(unexpected)} unexpected tensor(s) in the checkpoint (not used by this "
             f"architecture as config.json describes it): {key_listing(unexpected)}"
         )
     missing = [
@@ -276,7 +276,7 @@ def check_checkpoint(
     ]
     if missing:
         raise CheckpointError(
-            f"{folder}: checkpoint is missing {len(missing)} tensor(s) that config.json implies: "
+            f"{where}checkpoint is missing {len(missing)} tensor(s) that config.json implies: "
             f"{key_listing(missing)}"
         )
     for key, header in headers.items():

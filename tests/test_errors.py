@@ -996,3 +996,11 @@ def test_error_classes_are_on_the_package():
     assert issubclass(zoo.HubError, OSError)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         zoo.nothing  # noqa: B018
+
+
+def test_rope_types_agree_with_the_rotary_kernels():
+    """convert.config stays free of the kernels' imports, so it keeps its own copy of the list."""
+    from convert.config import SUPPORTED_ROPE_TYPES
+    from zoo import layers
+
+    assert SUPPORTED_ROPE_TYPES == layers.SUPPORTED_ROPE_TYPES
