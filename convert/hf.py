@@ -38,20 +38,85 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file, key or shape at fault."""
 
 
-def download(repo_id: str) -> Path:
+class HubError(OSError):
+    """The Hugging Face Hub could not provide a checkpoint (offline, gated, not found): the
+    message says which repo and what to do."""
+
+
+def download(
+    repo_id: str, revision: str | None = None, patterns: list[str] = CHECKPOINT_PATTERNS
+) -> Path:
     """Fetch a hub repo's config, safetensors and tokenizer files into the HF cache (or find them
-    there when offline: HF_HUB_OFFLINE=1) and return the snapshot folder."""
+    there when offline: HF_HUB_OFFLINE=1) and return the snapshot folder. A hub failure becomes
+    one HubError with the remedy, not the HTTP library's traceback."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_PATTERNS))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise HubError(hub_failure(e, repo_id, revision)) from None
+
+
+def hub_failure(error: Exception, repo_id: str, revision: str | None) -> str:
+    """One short message for a huggingface_hub / network exception of a download of repo_id."""
+    from huggingface_hub import errors
+
+    where = repo_id if revision is None else f"{repo_id} (revision {revision!r})"
+    page = f"https://huggingface.co/{repo_id}"
+    # GatedRepoError is a RepositoryNotFoundError, and RevisionNotFoundError an HTTP error: the
+    # order of these checks matters
+    if isinstance(error, errors.GatedRepoError):
+        return (
+            f"{repo_id} is gated: accept its licence at {page}, then log in with "
+            "`hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
+        )
+    if isinstance(error, errors.RevisionNotFoundError):
+        return f"{repo_id} has no revision {revision!r} (a branch, tag or commit) on the Hub"
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return (
+            f"{repo_id}: no such model repo on the Hugging Face Hub (or it is private: log in "
+            "with `hf auth login`)"
+        )
+    offline = isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError))
+    if offline or _is_connection_error(error):
+        return (
+            f"{where}: the Hugging Face Hub cannot be reached and the HF cache has no copy. "
+            "Download it once where there is a network (it lands in the HF cache, "
+            "HF_HOME / HF_HUB_CACHE), load a local checkpoint folder instead, or set "
+            "HF_HUB_OFFLINE=1 to use only what is cached"
+        )
+    if isinstance(error, errors.HfHubHTTPError):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "HTTP error"
+        return f"{where}: the Hugging Face Hub answered with an error: {first_line}"
+    return f"{where}: download failed ({type(error).__name__}: {error})"
+
+
+def _is_connection_error(error: Exception) -> bool:
+    """httpx / requests / socket failures to connect or time out (the HTTP library depends on the
+    huggingface_hub version)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    connection_names = {
+        "ConnectError",
+        "ConnectionError",
+        "NetworkError",
+        "Timeout",
+        "TimeoutException",
+    }
+    return bool(names & connection_names) or isinstance(error, (ConnectionError, TimeoutError))
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is a CheckpointError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"{path}: expected a JSON object ({{...}}), got a JSON {type(value).__name__}"
+        )
+    return value
 
 
 def read_config(folder: Path) -> dict:
@@ -137,6 +202,131 @@ def tensor_names(files: list[Path]) -> set[str]:
 
 
 @dataclass(frozen=True)
+class Header:
+    """What a safetensors header says of one tensor (no data read)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' spelling: F32, BF16, I8, ...
+
+
+def read_headers(files: list[Path]) -> dict[str, Header]:
+    """key -> Header of every tensor in the checkpoint files, from the headers alone; a key
+    stored in two files is refused here."""
+    headers: dict[str, Header] = {}
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                if key in headers:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} also appears in {headers[key].file.name}"
+                    )
+                part = f.get_slice(key)
+                headers[key] = Header(file, tuple(part.get_shape()), part.get_dtype())
+    return headers
+
+
+# The most keys an error message lists; the rest are counted.
+LISTED_KEYS = 5
+
+
+def key_listing(keys: list[str]) -> str:
+    """'a, b, c' or, for many, 'a, b, c, d, e and 995 more': error messages stay short."""
+    shown = ", ".join(keys[:LISTED_KEYS])
+    more = len(keys) - LISTED_KEYS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+# safetensors header dtypes loaded (converted to the model's dtype): LOADABLE_DTYPES' spelling
+LOADABLE_HEADER_DTYPES = ("F32", "F16", "BF16", "F64")
+# torch's names of the other header dtypes, for messages
+HEADER_DTYPE_NAMES = {
+    "I8": "torch.int8",
+    "U8": "torch.uint8",
+    "I16": "torch.int16",
+    "I32": "torch.int32",
+    "I64": "torch.int64",
+    "BOOL": "torch.bool",
+    "F8_E4M3": "torch.float8_e4m3fn",
+    "F8_E5M2": "torch.float8_e5m2",
+}
+
+
+def check_checkpoint(
+    headers: dict[str, Header],
+    key_map: KeyMap,
+    normalize_key: Callable[[str], str] = lambda key: key,
+    optional: frozenset[str] = frozenset(),
+) -> None:
+    """The checkpoint's tensor names against the key map, from the headers, before the model
+    is built: missing and unexpected tensors are reported by count and first few keys (a config
+    that asks for 50 layers of a 2-layer checkpoint fails here, at once)."""
+    where = f"{next(iter(headers.values())).file.parent}: " if headers else ""
+    present = {normalize_key(key): key for key in headers}
+    unexpected = [
+        f"{key} ({headers[key].file.name})" for n, key in present.items() if n not in key_map
+    ]
+    if unexpected:
+        raise CheckpointError(
+            f"{where}{len(unexpected)} unexpected tensor(s) in the checkpoint (not used by this "
+            f"architecture as config.json describes it): {key_listing(unexpected)}"
+        )
+    missing = [
+        k for k, t in key_map.items() if t is not DROP and k not in present and k not in optional
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{where}checkpoint is missing {len(missing)} tensor(s) that config.json implies: "
+            f"{key_listing(missing)}"
+        )
+    for key, header in headers.items():
+        if (
+            key_map.get(normalize_key(key)) is not DROP
+            and header.dtype not in LOADABLE_HEADER_DTYPES
+        ):
+            raise CheckpointError(
+                f"{header.file}: tensor {key!r} has dtype "
+                f"{HEADER_DTYPE_NAMES.get(header.dtype, header.dtype)}; expected one of "
+                f"{', '.join(str(d) for d in LOADABLE_DTYPES)} (quantized checkpoints are "
+                "unsupported)"
+            )
+
+
+def check_shapes(
+    model: torch.nn.Module,
+    headers: dict[str, Header],
+    key_map: KeyMap,
+    normalize_key: Callable[[str], str] = lambda key: key,
+) -> None:
+    """Every checkpoint tensor's header shape against the parameter rows it fills. The model may
+    be on the meta device (shapes only), so a config.json whose sizes disagree with the checkpoint
+    fails before any memory is allocated."""
+    params = dict(model.named_parameters())
+    _check_coverage(params, key_map)
+    for key, header in headers.items():
+        target = key_map.get(normalize_key(key))
+        if target is DROP:
+            continue
+        expected = _expected_shape(params[target.param], target)
+        if header.shape != expected:
+            raise _shape_error(header.file, key, header.shape, expected)
+
+
+def _expected_shape(param: torch.Tensor, target: Target) -> tuple[int, ...]:
+    """The shape a checkpoint tensor must have to fill target's rows of param, as stored."""
+    row_end = param.shape[0] if target.row_end is None else target.row_end
+    shape = (row_end - target.row_start, *param.shape[1:])
+    return shape[::-1] if target.transpose else shape
+
+
+def _shape_error(file: Path, key: str, shape, expected) -> CheckpointError:
+    return CheckpointError(
+        f"{file}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(expected)} "
+        "(from config.json)"
+    )
+
+
+@dataclass(frozen=True)
 class Target:
     """Where one checkpoint tensor goes: rows [row_start, row_end) of a zoo parameter (all rows
     when row_end is None), transposed first when the checkpoint stores it (in, out) (GPT-2 Conv1D)."""
@@ -202,25 +392,22 @@ def load_state(
         destination = param.data[target.row_start : row_end]
         source = tensor.t() if target.transpose else tensor
         if source.shape != destination.shape:
-            stored = (
-                tuple(destination.shape[::-1]) if target.transpose else tuple(destination.shape)
-            )
-            raise CheckpointError(
-                f"{file}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, expected {stored} "
-                "(from config.json)"
-            )
+            raise _shape_error(file, raw_key, tensor.shape, _expected_shape(param, target))
         destination.copy_(source)
         del tensor, source
     if unexpected:
         raise CheckpointError(
-            f"unexpected tensors in the checkpoint (not used by this architecture): {', '.join(unexpected)}"
+            f"{len(unexpected)} unexpected tensor(s) in the checkpoint (not used by this "
+            f"architecture): {key_listing(unexpected)}"
         )
     missing = [
         k for k, t in key_map.items() if t is not DROP and k not in seen and k not in optional
     ]
     if missing:
         folder = files[0].parent
-        raise CheckpointError(f"{folder}: checkpoint is missing tensor(s): {', '.join(missing)}")
+        raise CheckpointError(
+            f"{folder}: checkpoint is missing {len(missing)} tensor(s): {key_listing(missing)}"
+        )
 
 
 def _check_coverage(params: dict[str, torch.nn.Parameter], key_map: KeyMap) -> None:

@@ -1,6 +1,6 @@
 """Chat with an instruct model in the terminal, the reply streamed as it is produced.
 
-    python examples/chat.py                                   # llama3.2-1b-instruct
+    python examples/chat.py                                   # granite-3.3-2b-instruct
     python examples/chat.py --model granite-3.3-2b-instruct --system "You are terse."
     python examples/chat.py --model /path/to/hf/checkpoint --do-sample --temperature 0.7 --top-p 0.9
 
@@ -12,14 +12,18 @@ apply_chat_template renders it) and each reply ends at the model's end-of-turn t
 import argparse
 
 import zoo
-from zoo.cli import add_sampling_arguments, sampling_options
+from zoo.cli import add_sampling_arguments, int_at_least, sampling_options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Interactive streaming chat with a zoo model")
-    parser.add_argument("--model", default="llama3.2-1b-instruct", help="registry name or folder")
+    parser.add_argument(
+        "--model",
+        default="granite-3.3-2b-instruct",
+        help="registry name, HF repo id (org/name) or checkpoint folder",
+    )
     parser.add_argument("--system", help="a system message")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=512)
     add_sampling_arguments(parser)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()

@@ -61,7 +61,11 @@ def embed(model, sentences: list[str]) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Sentence embeddings and their similarities")
-    parser.add_argument("--model", default="all-minilm-l6-v2", help="registry name or folder")
+    parser.add_argument(
+        "--model",
+        default="all-minilm-l6-v2",
+        help="registry name, HF repo id (org/name) or checkpoint folder",
+    )
     parser.add_argument("--sentence", action="append", help="a sentence (repeat for more)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Generate text with a zoo decoder (Llama 3, Granite, GPT-2).
 
-    python examples/generate.py --model llama3.2-1b-instruct --prompt "The capital of France is"
+    python examples/generate.py --model granite-3.3-2b-instruct --prompt "The capital of France is"
     python examples/generate.py --model /path/to/hf/checkpoint --prompt "..." --max-new-tokens 64
     python examples/generate.py --prompt "Once upon a time" --stream --do-sample --temperature 0.8 --top-p 0.95 --seed 0
     python examples/generate.py --prompt "A" --prompt "B" --stop "."          # a batch, each row cut at "."
@@ -15,14 +15,18 @@ import time
 import torch
 
 import zoo
-from zoo.cli import add_sampling_arguments, sampling_options
+from zoo.cli import add_sampling_arguments, int_at_least, sampling_options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Text generation with a zoo model")
-    parser.add_argument("--model", default="llama3.2-1b-instruct", help="registry name or folder")
+    parser.add_argument(
+        "--model",
+        default="granite-3.3-2b-instruct",
+        help="registry name, HF repo id (org/name) or checkpoint folder",
+    )
     parser.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     parser.add_argument("--stream", action="store_true", help="print text as it is produced")
     add_sampling_arguments(parser)
     parser.add_argument("--stop", action="append", help="stop string (repeat for more)")

@@ -14,13 +14,18 @@ import time
 import torch
 
 import zoo
+from zoo.cli import int_at_least
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Greedy translation / summarization with T5")
-    parser.add_argument("--model", default="t5-small", help="registry name or folder")
+    parser.add_argument(
+        "--model",
+        default="t5-small",
+        help="registry name, HF repo id (org/name) or checkpoint folder",
+    )
     parser.add_argument("--text", action="append", help="input text (repeat for a batch)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 

@@ -338,7 +338,9 @@ def test_quantized_checkpoint_is_refused(copy_of, monkeypatch):
 def test_load_arguments(folders):
     with pytest.raises(ValueError, match=r"dtype: expected float32, float16 or bfloat16.*int8"):
         zoo.load(folders["llama"], device=DEVICE, dtype=torch.int8)
-    with pytest.raises(ValueError, match="pretrained=False takes a registry name, not a folder"):
+    with pytest.raises(
+        ValueError, match="pretrained=False takes a registry name or an HF repo id, not a folder"
+    ):
         zoo.load(folders["llama"], pretrained=False)
 
 
@@ -593,3 +595,412 @@ def test_pad_id_outside_the_vocab_with_repetition_penalty(models, kernels_allowe
     )
     assert out.shape == (2, 4)
     assert ((out[:, 3] >= 0) & (out[:, 3] < vocab("llama"))).all()
+
+
+# ---------------------------------------------------------------------------- config.json values
+
+
+def refuse_allocation(monkeypatch):
+    """Size errors must come before the model's memory is allocated (the meta build is free)."""
+
+    def to_empty(*args, **kwargs):
+        raise AssertionError("the model was allocated before config.json was checked")
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", to_empty)
+
+
+# family -> its size keys (checked for type and range) as config.json spells them
+SIZE_KEYS = {
+    "llama": [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+    ],
+    "gpt2": ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "n_inner"],
+    "bert": [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "type_vocab_size",
+    ],
+    "t5": [
+        "vocab_size",
+        "d_model",
+        "d_kv",
+        "d_ff",
+        "num_layers",
+        "num_decoder_layers",
+        "num_heads",
+        "relative_attention_num_buckets",
+    ],
+}
+BAD_SIZES = [
+    (-32, "expected a value >= 1"),
+    (0, "expected a value >= 1"),
+    ("32", "expected an integer, got '32'"),
+    (True, "expected an integer, got True"),
+    (32.5, "expected an integer, got 32.5"),
+    ([32], r"expected an integer, got \[32\]"),
+    (10**9, "expected a value <= "),
+]
+
+
+@pytest.mark.parametrize(
+    "family, key", [(family, key) for family, keys in SIZE_KEYS.items() for key in keys]
+)
+@pytest.mark.parametrize("value, problem", BAD_SIZES, ids=[repr(v) for v, _ in BAD_SIZES])
+def test_bad_size_in_config_is_named(copy_of, monkeypatch, family, key, value, problem):
+    folder = copy_of(family)
+    edit_config(folder, **{key: value})
+    refuse_weight_reads(monkeypatch)
+    refuse_allocation(monkeypatch)
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(folder))}: config\.json {key}: {problem}"
+    ):
+        zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "family, key, value, problem",
+    [
+        ("llama", "rms_norm_eps", "tiny", "expected a finite number"),
+        ("llama", "rms_norm_eps", -1.0, "expected a value >= 0"),
+        ("llama", "initializer_range", -0.5, "expected a value >= 0"),
+        ("llama", "tie_word_embeddings", "yes", "expected true or false"),
+        ("llama", "attention_bias", 1, "expected true or false"),
+        ("llama", "hidden_act", 3, "expected a string"),
+        ("llama", "eos_token_id", -2, "expected a token id"),
+        ("llama", "eos_token_id", [1, "2"], "expected a token id"),
+        ("gpt2", "layer_norm_epsilon", float("nan"), "expected a finite number"),
+        ("gpt2", "activation_function", ["gelu"], "expected a string"),
+        ("bert", "layer_norm_eps", "1e-12", "expected a finite number"),
+        ("bert", "pad_token_id", 1.5, "expected a token id"),
+        ("t5", "feed_forward_proj", {"gated": True}, "expected a string"),
+        ("t5", "tie_word_embeddings", "false", "expected true or false"),
+    ],
+)
+def test_bad_value_in_config_is_named(copy_of, monkeypatch, family, key, value, problem):
+    folder = copy_of(family)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    refuse_weight_reads(monkeypatch)
+    refuse_allocation(monkeypatch)
+    with pytest.raises(ValueError, match=rf"config\.json {key}: {problem}"):
+        zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "family, changes, message",
+    [
+        ("llama", dict(num_key_value_heads=3), "num_attention_heads 2 is not a multiple of"),
+        ("gpt2", dict(n_head=3), "n_embd 32 is not a multiple of n_head 3"),
+        ("bert", dict(num_attention_heads=3), "hidden_size 32 is not a multiple of"),
+    ],
+)
+def test_sizes_that_do_not_divide(copy_of, monkeypatch, family, changes, message):
+    folder = copy_of(family)
+    edit_config(folder, **changes)
+    refuse_weight_reads(monkeypatch)
+    refuse_allocation(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '"llama"', "42", "null"])
+def test_config_json_that_is_not_an_object(copy_of, content):
+    folder = copy_of("llama")
+    (folder / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object"):
+        zoo.load(folder, device=DEVICE)
+
+
+def test_generation_config_that_is_not_an_object(copy_of):
+    folder = copy_of("gpt2")
+    (folder / "generation_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: expected a JSON object"):
+        zoo.load(folder, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------- config vs tensors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layers", [3, 40])
+def test_more_layers_than_the_checkpoint_holds(copy_of, monkeypatch, family, layers):
+    """Found from the headers' names before the model is built: a count and the first few keys,
+    not thousands of them."""
+    key = {"llama": "num_hidden_layers", "gpt2": "n_layer", "bert": "num_hidden_layers"}
+    key = key.get(family, "num_layers")
+    folder = copy_of(family)
+    edit_config(folder, **{key: layers})
+    refuse_weight_reads(monkeypatch)
+    refuse_allocation(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"missing (\d+) tensor\(s\)") as raised:
+        zoo.load(folder, device=DEVICE)
+    message = str(raised.value)
+    assert "and" in message and "more" in message and len(message) < 600, message
+    count = int(re.search(r"missing (\d+) tensor", message).group(1))
+    assert count > (layers - 1) * 4
+
+
+def test_fewer_layers_than_the_checkpoint_holds(copy_of, monkeypatch):
+    folder = copy_of("llama-sharded")
+    edit_config(folder, num_hidden_layers=None)  # stays 1 in the file: set to 1 below, saved 2
+    config = json.loads((folder / "config.json").read_text())
+    assert config.get("num_hidden_layers") is None
+    edit_config(folder, num_hidden_layers=1)
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    extra = {k.replace("layers.0.", "layers.1."): v for k, v in tensors.items() if "layers.0." in k}
+    save_file(extra, folder / "extra.safetensors", metadata={"format": "pt"})
+    index = json.loads((folder / SAFETENSORS_INDEX).read_text())
+    index["weight_map"].update({key: "extra.safetensors" for key in extra})
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index))
+    refuse_weight_reads(monkeypatch)
+    refuse_allocation(monkeypatch)
+    with pytest.raises(
+        CheckpointError,
+        match=r"9 unexpected tensor\(s\).*model\.layers\.1\..*\(extra\.safetensors\)",
+    ):
+        zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "family, key",
+    [
+        ("llama", "vocab_size"),
+        ("llama", "hidden_size"),
+        ("llama", "intermediate_size"),
+        ("gpt2", "vocab_size"),
+        ("gpt2", "n_positions"),
+        ("gpt2", "n_inner"),
+        ("bert", "vocab_size"),
+        ("bert", "type_vocab_size"),
+        ("bert", "max_position_embeddings"),
+        ("t5", "vocab_size"),
+        ("t5", "d_ff"),
+        ("t5", "d_kv"),
+    ],
+)
+@pytest.mark.parametrize("factor", [2, 1000])
+def test_size_that_disagrees_with_the_tensors(copy_of, monkeypatch, family, key, factor):
+    """Each tensor's header shape is compared with the model built on the meta device: a vocab
+    of 50,000 against a checkpoint of 50 fails at once, allocating nothing."""
+    folder = copy_of(family)
+    config = json.loads((folder / "config.json").read_text())
+    edit_config(folder, **{key: (config.get(key) or 4 * config["n_embd"]) * factor})
+    refuse_weight_reads(monkeypatch)
+    refuse_allocation(monkeypatch)
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor '[\w.]+' has shape \([\d, ]+\), expected "
+        r"\([\d, ]+\) \(from config\.json\)$",
+    ):
+        zoo.load(folder, device=DEVICE)
+
+
+def test_many_missing_tensors_are_counted_not_listed(copy_of):
+    folder = copy_of("llama")
+    tensors = load_file(folder / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if "layers" not in k}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing 9 tensor\(s\).*and 4 more$"):
+        zoo.load(folder, device=DEVICE)
+
+
+def test_many_unexpected_tensors_are_counted_not_listed(copy_of):
+    folder = copy_of("llama")
+    tensors = load_file(folder / "model.safetensors")
+    tensors.update({f"extra.{i}.weight": torch.ones(2) for i in range(1000)})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1000 unexpected tensor\(s\)") as raised:
+        zoo.load(folder, device=DEVICE)
+    assert "and 995 more" in str(raised.value) and len(str(raised.value)) < 600
+
+
+# ---------------------------------------------------------------------------- rope settings
+
+# config.json rope spellings of transformers 4 (rope_theta + rope_scaling) and 5
+# (rope_parameters), alone and together, as checkpoints in the wild write them
+LLAMA3_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+ROPE_CONFIGS = {
+    "4.x default": dict(rope_theta=5e5),
+    "4.x llama3": dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **LLAMA3_SCALING}),
+    "4.x llama3, old 'type' key": dict(rope_scaling={"type": "llama3", **LLAMA3_SCALING}),
+    "5.x default": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    "5.x llama3": dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **LLAMA3_SCALING}
+    ),
+    "5.x llama3 without original length": dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        }
+    ),
+    "both: rope_scaling llama3 wins over rope_parameters default": dict(
+        rope_theta=2e5,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+        rope_scaling={"rope_type": "llama3", **LLAMA3_SCALING},
+    ),
+    "both: rope_scaling default wins over rope_parameters llama3": dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **LLAMA3_SCALING},
+        rope_scaling={"rope_type": "default"},
+    ),
+    "both: empty rope_scaling leaves rope_parameters": dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **LLAMA3_SCALING},
+        rope_scaling={},
+    ),
+    "both: null rope_scaling leaves rope_parameters": dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 3e5, **LLAMA3_SCALING},
+        rope_scaling=None,
+    ),
+    "top-level original length wins": dict(
+        original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **LLAMA3_SCALING},
+    ),
+}
+
+
+def write_rope(folder: Path, settings: dict) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    for key in (
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "original_max_position_embeddings",
+    ):
+        config.pop(key, None)
+    config.update(settings)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("settings", ROPE_CONFIGS.values(), ids=ROPE_CONFIGS.keys())
+def test_rope_settings_are_read_as_transformers_reads_them(copy_of, settings):
+    """Our inverse frequencies equal those transformers computes from the same config.json."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    folder = copy_of("llama")
+    write_rope(folder, settings)
+    hf_config = transformers.AutoConfig.from_pretrained(folder)
+    rope_type = hf_config.rope_parameters["rope_type"]
+    if rope_type == "default":
+        head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+        theta = hf_config.rope_parameters["rope_theta"]
+        expected = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    model = zoo.load(folder, device="meta")
+    from zoo.layers import rope_inv_freq
+
+    ours = rope_inv_freq(model.config.head_dim, model.config.rope_theta, model.config.rope_scaling)
+    assert torch.equal(ours, expected.float()), (ours, expected)
+
+
+@pytest.mark.parametrize(
+    "settings, key, rope_type",
+    [
+        (
+            dict(
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                rope_scaling={"rope_type": "yarn", "factor": 4.0},
+            ),
+            "rope_scaling",
+            "yarn",
+        ),
+        (
+            dict(
+                rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+                rope_scaling={},
+            ),
+            "rope_parameters",
+            "linear",
+        ),
+        (
+            dict(rope_parameters={"rope_type": "longrope", "factor": 2.0}),
+            "rope_parameters",
+            "longrope",
+        ),
+        (dict(rope_scaling={"type": "no-such-rope"}), "rope_scaling", "no-such-rope"),
+    ],
+)
+def test_unsupported_rope_type_names_the_key(copy_of, monkeypatch, settings, key, rope_type):
+    folder = copy_of("llama")
+    write_rope(folder, settings)
+    refuse_weight_reads(monkeypatch)
+    with pytest.raises(
+        ValueError, match=rf"unsupported rope_type '{rope_type}'.*\(config\.json {key}\)"
+    ):
+        zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+            r"config\.json rope_parameters: rope parameters per layer type",
+        ),
+        (dict(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial_rotary"),
+        (dict(partial_rotary_factor=0.25), "partial_rotary_factor 0.25"),
+        (dict(rope_scaling="llama3"), r"config\.json rope_scaling: expected an object"),
+        (dict(rope_theta="10000"), r"config\.json rope_theta: expected a finite number"),
+        (
+            dict(rope_scaling={"rope_type": "llama3", **LLAMA3_SCALING, "factor": -8.0}),
+            r"config\.json factor: expected a positive number",
+        ),
+    ],
+)
+def test_bad_rope_settings(copy_of, monkeypatch, settings, message):
+    folder = copy_of("llama")
+    write_rope(folder, settings)
+    refuse_weight_reads(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        zoo.load(folder, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(model_type=None), r"config\.json has no model_type"),
+        (dict(model_type=["llama"]), r"config\.json model_type \['llama'\]"),
+        (dict(architectures="LlamaForCausalLM"), r"config\.json architectures: expected a list"),
+        (dict(architectures=[3]), r"config\.json architectures: expected a list of class"),
+    ],
+)
+def test_model_type_and_architectures_are_checked(copy_of, changes, message):
+    folder = copy_of("llama")
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}: {message}"):
+        zoo.load(folder, device=DEVICE)
+
+
+def test_error_classes_are_on_the_package():
+    assert zoo.CheckpointError is CheckpointError
+    assert issubclass(zoo.HubError, OSError)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        zoo.nothing  # noqa: B018
+
+
+def test_rope_types_agree_with_the_rotary_kernels():
+    """convert.config stays free of the kernels' imports, so it keeps its own copy of the list."""
+    from convert.config import SUPPORTED_ROPE_TYPES
+    from zoo import layers
+
+    assert SUPPORTED_ROPE_TYPES == layers.SUPPORTED_ROPE_TYPES

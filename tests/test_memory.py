@@ -5,7 +5,7 @@ in a fresh subprocess, and that process's peak RSS (getrusage ru_maxrss) is comp
 just before the load. Memory-mapped file pages count toward RSS once read (until unmapped), so the
 numbers below include them, as the issue's bounds do:
 - loading to the CPU peaks near the final model size plus one shard, in fp32 and when converting
-  to bf16 (the conversion must not materialise the model in the checkpoint's dtype);
+  to fp16 (the conversion must not materialise the model in the checkpoint's dtype);
 - streaming the tensors one by one (what a GPU load does: each tensor goes to the device, nothing
   stays on the host) peaks near the largest single tensor, not a shard: each tensor has its own
   mapping, released once it is consumed.
@@ -19,6 +19,9 @@ and Python overhead. Regressions seen with the same test: the whole checkpoint r
 first (model held twice): +603 MB fp32, +453 MB bf16; one mapping per shard, released at the end
 of the shard (the loader before): streaming +101 MB; each shard read into memory whole: streaming
 +201 MB.
+The half-precision case converts to fp16 (the bf16 numbers above were measured before the CPU
+refused bfloat16, whose matmuls Triton's interpreter computes wrongly): 2 bytes per value either
+way, so the same bound holds.
 """
 
 import json
@@ -147,7 +150,7 @@ def measure(path: Path, mode: str) -> dict:
     return numbers
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cpu_load_peaks_near_model_plus_one_shard(checkpoint, dtype):
     path, largest_shard, _ = checkpoint
     numbers = measure(path, dtype)

@@ -65,7 +65,11 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             return None
-        backend = Backend.from_file(str(folder / "tokenizer.json"))
+        path = folder / "tokenizer.json"
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise _file_error(path, f"not a readable tokenizers file ({e})") from None
         config = _read_json(folder / "tokenizer_config.json")
         token_map = _read_json(folder / "special_tokens_map.json")
         special = {}
@@ -74,10 +78,24 @@ class Tokenizer:
             special[name] = token if token is not None else _token_content(token_map.get(name))
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-            template = {t["name"]: t["template"] for t in template}
+            try:
+                template = {t["name"]: t["template"] for t in template}
+            except (KeyError, TypeError):
+                raise _file_error(
+                    folder / "tokenizer_config.json",
+                    "chat_template: expected a string or a list of {name, template} objects",
+                ) from None
+        elif template is not None and not isinstance(template, str):
+            raise _file_error(
+                folder / "tokenizer_config.json",
+                f"chat_template: expected a string, got {type(template).__name__}",
+            )
         jinja_file = folder / "chat_template.jinja"
         if jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
+            try:
+                template = jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise _file_error(jinja_file, f"not UTF-8 text ({e})") from None
         return cls(backend, special, template)
 
     def __getattr__(self, name: str) -> Any:
@@ -237,11 +255,24 @@ def compile_chat_template(template: str):
 
 
 def _read_json(path: Path) -> dict:
+    """A tokenizer side file's JSON object; {} when the file is absent."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _file_error(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise _file_error(path, f"expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _file_error(path: Path, problem: str) -> ValueError:
+    """A CheckpointError (a ValueError) naming the tokenizer file at fault."""
+    from convert.hf import CheckpointError
+
+    return CheckpointError(f"{path}: {problem}")
 
 
 def _token_content(value) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from convert.config import read_count, read_float, read_size, read_str, read_token_ids
 from kernels.attention import attention
 from kernels.embedding import embedding
 from zoo import graphs
@@ -68,7 +69,7 @@ class BertConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> BertConfig:
         """From a `bert` config.json (an encoder with absolute positions)."""
-        position_type = hf.get("position_embedding_type", "absolute")
+        position_type = read_str(hf, "position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(
                 f"unsupported position_embedding_type {position_type!r} for bert; "
@@ -77,17 +78,17 @@ class BertConfig:
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError("bert as a decoder (is_decoder / add_cross_attention) is unsupported")
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            hidden_act=hf.get("hidden_act", "gelu"),
-            initializer_range=hf.get("initializer_range", 0.02),
-            pad_token_id=hf.get("pad_token_id", 0),
+            vocab_size=read_size(hf, "vocab_size"),
+            hidden_size=read_size(hf, "hidden_size"),
+            intermediate_size=read_size(hf, "intermediate_size"),
+            num_layers=read_count(hf, "num_hidden_layers"),
+            num_heads=read_count(hf, "num_attention_heads"),
+            max_position_embeddings=read_size(hf, "max_position_embeddings", 512),
+            type_vocab_size=read_size(hf, "type_vocab_size", 2),
+            layer_norm_eps=read_float(hf, "layer_norm_eps", 1e-12, min=0.0),
+            hidden_act=read_str(hf, "hidden_act", "gelu"),
+            initializer_range=read_float(hf, "initializer_range", 0.02, min=0.0),
+            pad_token_id=read_token_ids(hf, "pad_token_id", 0),
         )
 
 

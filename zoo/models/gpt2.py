@@ -13,6 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from convert.config import (
+    check_divisible,
+    read_count,
+    read_float,
+    read_size,
+    read_str,
+    read_token_ids,
+)
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
@@ -49,7 +57,7 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, hf: dict) -> GPT2Config:
-        activation = hf.get("activation_function", "gelu_new")
+        activation = read_str(hf, "activation_function", "gelu_new")
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"unsupported activation_function {activation!r} for gpt2; supported: "
@@ -60,21 +68,21 @@ class GPT2Config:
                 raise ValueError(f"unsupported gpt2 option {flag}=True")
         if not hf.get("scale_attn_weights", True):
             raise ValueError("unsupported gpt2 option scale_attn_weights=False")
-        if hf["n_embd"] % hf["n_head"]:
-            raise ValueError(f"n_embd {hf['n_embd']} is not a multiple of n_head {hf['n_head']}")
+        n_embd, n_head = read_size(hf, "n_embd"), read_count(hf, "n_head")
+        check_divisible("n_embd", n_embd, "n_head", n_head)
         return cls(
-            vocab_size=hf["vocab_size"],
-            n_positions=hf.get("n_positions", 1024),
-            n_embd=hf["n_embd"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
+            vocab_size=read_size(hf, "vocab_size"),
+            n_positions=read_size(hf, "n_positions", 1024),
+            n_embd=n_embd,
+            n_layer=read_count(hf, "n_layer"),
+            n_head=n_head,
+            n_inner=read_size(hf, "n_inner", 4 * n_embd),
             activation=ACTIVATIONS[activation],
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-            initializer_range=hf.get("initializer_range", 0.02),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
+            layer_norm_epsilon=read_float(hf, "layer_norm_epsilon", 1e-5, min=0.0),
+            initializer_range=read_float(hf, "initializer_range", 0.02, min=0.0),
+            bos_token_id=read_token_ids(hf, "bos_token_id"),
+            eos_token_id=read_token_ids(hf, "eos_token_id"),
+            pad_token_id=read_token_ids(hf, "pad_token_id"),
         )
 
 

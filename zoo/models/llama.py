@@ -18,6 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from convert.config import (
+    read_bool,
+    read_count,
+    read_float,
+    read_int,
+    read_size,
+    read_str,
+    read_token_ids,
+    rope_settings,
+)
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
@@ -88,47 +98,45 @@ class LlamaConfig:
     def from_hf(cls, hf: dict) -> LlamaConfig:
         """From a `llama`, `granite`, `mistral`, `qwen2` or `qwen3` config.json (transformers 4.x
         `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
-        hidden = hf["hidden_size"]
-        heads = hf["num_attention_heads"]
-        rope = hf.get("rope_parameters")
-        if rope is not None:
-            theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-            scaling = rope if rope.get("rope_type", "default") != "default" else None
-        else:
-            theta = hf.get("rope_theta", 10000.0)
-            scaling = hf.get("rope_scaling")
+        hidden = read_size(hf, "hidden_size")
+        heads = read_count(hf, "num_attention_heads")
+        theta, scaling = rope_settings(hf)
         model_type = hf.get("model_type")
-        if hf.get("hidden_act", "silu") != "silu":
+        if read_str(hf, "hidden_act", "silu") != "silu":
             raise ValueError(
                 f"unsupported hidden_act {hf['hidden_act']!r} for {model_type}; supported: silu"
             )
         is_granite = model_type == "granite"
         return cls(
-            vocab_size=hf["vocab_size"],
+            vocab_size=read_size(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            intermediate_size=read_size(hf, "intermediate_size"),
+            num_layers=read_count(hf, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=read_count(hf, "num_key_value_heads", heads),
+            head_dim=read_size(hf, "head_dim", hidden // heads),
+            max_position_embeddings=read_size(hf, "max_position_embeddings", 2048),
+            rms_norm_eps=read_float(hf, "rms_norm_eps", 1e-6, min=0.0),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=read_bool(hf, "tie_word_embeddings", False),
+            attention_bias=read_bool(hf, "attention_bias", False),
+            mlp_bias=read_bool(hf, "mlp_bias", False),
             qkv_bias=True if model_type == "qwen2" else None,
             **_sliding_window_from_hf(hf),
             qk_norm=model_type == "qwen3",
-            embedding_multiplier=hf.get("embedding_multiplier", 1.0) if is_granite else 1.0,
-            attention_multiplier=hf.get("attention_multiplier", 1.0) if is_granite else None,
-            residual_multiplier=hf.get("residual_multiplier", 1.0) if is_granite else 1.0,
-            logits_scaling=hf.get("logits_scaling", 1.0) if is_granite else 1.0,
-            initializer_range=hf.get("initializer_range", 0.02),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
+            embedding_multiplier=read_float(hf, "embedding_multiplier", 1.0) if is_granite else 1.0,
+            attention_multiplier=read_float(hf, "attention_multiplier", 1.0)
+            if is_granite
+            else None,
+            residual_multiplier=read_float(hf, "residual_multiplier", 1.0) if is_granite else 1.0,
+            logits_scaling=read_float(hf, "logits_scaling", 1.0, positive=True)
+            if is_granite
+            else 1.0,
+            initializer_range=read_float(hf, "initializer_range", 0.02, min=0.0),
+            bos_token_id=read_token_ids(hf, "bos_token_id"),
+            eos_token_id=read_token_ids(hf, "eos_token_id"),
+            pad_token_id=read_token_ids(hf, "pad_token_id"),
         )
 
 
@@ -169,16 +177,17 @@ def _sliding_window_from_hf(hf: dict) -> dict:
                 "unsupported config.json key 'layer_types' for model_type 'mistral' (alternating "
                 "sliding / full attention); Mistral applies sliding_window to every layer"
             )
-        return {"sliding_window": hf.get("sliding_window")}
+        return {"sliding_window": read_int(hf, "sliding_window", None, min=1)}
     if model_type not in ("qwen2", "qwen3"):
         return {}
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    use_window = read_bool(hf, "use_sliding_window", False)
+    window = read_int(hf, "sliding_window", None, min=1) if use_window else None
     layer_types = hf.get("layer_types")
     if layer_types is None:
-        first_sliding = hf.get("max_window_layers", 28)
+        first_sliding = read_int(hf, "max_window_layers", 28, min=0)
         layer_types = [
             "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
-            for i in range(hf["num_hidden_layers"])
+            for i in range(read_count(hf, "num_hidden_layers"))
         ]
     if window is None and "sliding_attention" in layer_types:
         raise ValueError(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from convert.config import read_bool, read_count, read_float, read_size, read_str, read_token_ids
 from kernels.attention import attention
 from kernels.decode import decode_attention
 from kernels.embedding import embedding
@@ -96,25 +97,26 @@ class T5Config:
         """From a `t5` config.json. `tie_word_embeddings` (default true) makes the head the shared
         embedding and turns on the d_model**-0.5 output scaling; transformers 5.x also writes
         `scale_decoder_outputs`, which then sets the scaling."""
-        tied = hf.get("tie_word_embeddings", True)
+        tied = read_bool(hf, "tie_word_embeddings", True)
+        num_layers = read_count(hf, "num_layers")
         return cls(
-            vocab_size=hf["vocab_size"],
-            d_model=hf["d_model"],
-            d_kv=hf["d_kv"],
-            d_ff=hf["d_ff"],
-            num_layers=hf["num_layers"],
-            num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-            num_heads=hf["num_heads"],
-            relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-            feed_forward_proj=hf.get("feed_forward_proj", "relu"),
+            vocab_size=read_size(hf, "vocab_size"),
+            d_model=read_size(hf, "d_model"),
+            d_kv=read_size(hf, "d_kv"),
+            d_ff=read_size(hf, "d_ff"),
+            num_layers=num_layers,
+            num_decoder_layers=read_count(hf, "num_decoder_layers", num_layers),
+            num_heads=read_count(hf, "num_heads"),
+            relative_attention_num_buckets=read_count(hf, "relative_attention_num_buckets", 32),
+            relative_attention_max_distance=read_size(hf, "relative_attention_max_distance", 128),
+            layer_norm_epsilon=read_float(hf, "layer_norm_epsilon", 1e-6, min=0.0),
+            feed_forward_proj=read_str(hf, "feed_forward_proj", "relu"),
             tie_word_embeddings=tied,
-            scale_decoder_outputs=hf.get("scale_decoder_outputs", tied),
-            n_positions=hf.get("n_positions") or 512,
-            decoder_start_token_id=hf.get("decoder_start_token_id"),
-            eos_token_id=hf.get("eos_token_id", 1),
-            pad_token_id=hf.get("pad_token_id", 0),
+            scale_decoder_outputs=read_bool(hf, "scale_decoder_outputs", tied),
+            n_positions=read_size(hf, "n_positions", 512),
+            decoder_start_token_id=read_token_ids(hf, "decoder_start_token_id"),
+            eos_token_id=read_token_ids(hf, "eos_token_id", 1),
+            pad_token_id=read_token_ids(hf, "pad_token_id", 0),
         )
 
 
