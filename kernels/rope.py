@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     check_last_dim_contiguous,
     next_pow2,
@@ -130,6 +131,26 @@ def rope_cache_write(
     check capacity). positions: [B, T] integer positions (needed with inv_freq); inv_freq: [D / 2]
     fp32 (None: no rotation). Returns the query view [B, T, Hq, D] of qkv (rotated in place).
     """
+    if torch.compiler.is_compiling():
+        torch.ops.zoo.rope_cache_write(
+            qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, num_q_heads, num_kv_heads,
+            head_dim, attention_scaling,
+        )  # fmt: skip
+    else:
+        _rope_cache_write(
+            qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, num_q_heads, num_kv_heads,
+            head_dim, attention_scaling,
+        )  # fmt: skip
+    batch, seq, _ = qkv.shape
+    return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]
+
+
+_plans = PlanCache()
+
+
+def _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, num_q_heads, num_kv_heads,
+          head_dim) -> KernelLaunch:  # fmt: skip
+    """Checks the inputs of a new signature and fixes its launch."""
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected [B, T, (Hq + 2 * Hkv) * D], got shape {tuple(qkv.shape)}")
     batch, seq, width = qkv.shape
@@ -162,10 +183,45 @@ def rope_cache_write(
                 f"inv_freq: expected fp32 of shape ({head_dim // 2},), "
                 f"got {inv_freq.dtype} {tuple(inv_freq.shape)}"
             )
-    else:
+    meta = {
+        "NUM_Q_HEADS": num_q_heads,
+        "NUM_KV_HEADS": num_kv_heads,
+        "HEAD_DIM": head_dim,
+        "HAS_ROPE": has_rope,
+        "BLOCK_H": next_pow2(max(num_q_heads, num_kv_heads)),
+        "BLOCK_HALF": next_pow2(head_dim // 2),
+        "BLOCK_D": next_pow2(head_dim),
+        "num_warps": 4,
+        **pdl_meta(qkv.device, batch * seq),
+    }
+    return KernelLaunch(_rope_cache_kernel, (batch * seq,), meta)
+
+
+def _rope_cache_write(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, num_q_heads,
+                      num_kv_heads, head_dim, attention_scaling) -> None:  # fmt: skip
+    key = (
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        tensor_key(qkv),
+        tensor_key(k_cache),
+        tensor_key(v_cache),
+        tensor_key(cache_lengths),
+        tensor_key(positions),
+        tensor_key(inv_freq),
+    )
+    launch = _plans.get(key)
+    if launch is None:
+        launch = _plans.put(
+            key,
+            _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, num_q_heads,
+                  num_kv_heads, head_dim),
+        )  # fmt: skip
+    batch, seq, _ = qkv.shape
+    if inv_freq is None:
         positions = cache_lengths.view(batch, 1)  # unused by the kernel
         inv_freq = qkv
-    _rope_cache_kernel[(batch * seq,)](
+    launch(
         qkv,
         positions,
         inv_freq,
@@ -182,14 +238,30 @@ def rope_cache_write(
         seq,
         k_cache.shape[2],
         float(attention_scaling),
-        NUM_Q_HEADS=num_q_heads,
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        HAS_ROPE=has_rope,
-        BLOCK_H=next_pow2(max(num_q_heads, num_kv_heads)),
-        BLOCK_HALF=next_pow2(head_dim // 2),
-        BLOCK_D=next_pow2(head_dim),
-        num_warps=4,
-        **pdl_meta(qkv.device, batch * seq),
     )
-    return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]
+
+
+# torch.compile sees the launch as a custom op that rotates q and k in qkv and writes the caches;
+# the query view is taken outside it (a custom op may not return a view of its input).
+@torch.library.custom_op("zoo::rope_cache_write", mutates_args=("qkv", "k_cache", "v_cache"))
+def _rope_cache_write_op(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    positions: torch.Tensor | None,
+    inv_freq: torch.Tensor | None,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    attention_scaling: float,
+) -> None:
+    _rope_cache_write(
+        qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, num_q_heads, num_kv_heads,
+        head_dim, attention_scaling,
+    )  # fmt: skip
+
+
+@_rope_cache_write_op.register_fake
+def _(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, *sizes_and_scaling):
+    return None
