@@ -59,6 +59,7 @@ def _embedding_kernel(
 
 
 _plans = PlanCache()
+_MISSING = object()
 
 
 def _plan(ids, weight, positions, position_weight) -> KernelLaunch | None:
@@ -98,9 +99,8 @@ def embedding(
     if torch.compiler.is_compiling():
         return torch.ops.zoo.embedding(ids, weight, scale, positions, position_weight)
     key = (tensor_key(ids), tensor_key(weight), tensor_key(positions), tensor_key(position_weight))
-    if key in _plans:
-        launch = _plans[key]
-    else:
+    launch = _plans.get(key, _MISSING)
+    if launch is _MISSING:
         launch = _plans.put(key, _plan(ids, weight, positions, position_weight))
     ids_flat = ids.reshape(-1)
     n = weight.shape[1]

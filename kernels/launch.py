@@ -21,6 +21,7 @@ import os
 
 import torch
 
+import kernels.utils
 from kernels.utils import INTERPRET
 
 try:  # Triton >= 3.4
@@ -43,11 +44,18 @@ def tensor_key(t: torch.Tensor | None) -> tuple | None:
 
 class PlanCache(dict):
     """Plans by signature. Bounded: a workload that keeps changing shapes starts over rather than
-    growing without end."""
+    growing without end. Plans hold the PDL choice: switching kernels.utils.PDL drops them."""
 
     def __init__(self, max_plans: int = 4096) -> None:
         super().__init__()
         self.max_plans = max_plans
+        self.pdl = kernels.utils.PDL
+
+    def get(self, key, default=None):
+        if self.pdl != kernels.utils.PDL:
+            self.clear()
+            self.pdl = kernels.utils.PDL
+        return dict.get(self, key, default)
 
     def put(self, key, plan):
         if len(self) >= self.max_plans:
