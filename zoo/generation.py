@@ -240,7 +240,7 @@ class DecoderOnlyLM(nn.Module):
             )
         cache = self.new_cache(batch, seq)
         cache.reset(kv_start)
-        with torch.inference_mode():
+        with torch.inference_mode(not torch.compiler.is_compiling()):
             return self.forward_cached(input_ids, positions, cache)
 
     def _check_length(self, prompt: int, max_new_tokens: int) -> None:
