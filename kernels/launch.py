@@ -42,6 +42,15 @@ def tensor_key(t: torch.Tensor | None) -> tuple | None:
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
 
 
+_plan_caches: list["PlanCache"] = []
+
+
+def clear_plans() -> None:
+    """Forget every launcher's plans (the next call of each signature plans again)."""
+    for cache in _plan_caches:
+        cache.clear()
+
+
 class PlanCache(dict):
     """Plans by signature. Bounded: a workload that keeps changing shapes starts over rather than
     growing without end. Plans hold the PDL choice: switching kernels.utils.PDL drops them."""
@@ -50,6 +59,7 @@ class PlanCache(dict):
         super().__init__()
         self.max_plans = max_plans
         self.pdl = kernels.utils.PDL
+        _plan_caches.append(self)
 
     def get(self, key, default=None):
         if self.pdl != kernels.utils.PDL:
