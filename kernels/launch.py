@@ -75,8 +75,12 @@ class PlanCache(dict):
 
 
 def _hooks_installed() -> bool:
+    """Whether a launch hook is set: a function (older Triton) or a non-empty HookChain."""
     runtime = _knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 class KernelLaunch:

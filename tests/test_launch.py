@@ -252,6 +252,21 @@ def test_direct_launch_steps_aside(direct_path):
     assert kernel_launch.direct is None and len(kernel.triton_launches) == 2
 
 
+def test_launch_hooks_are_seen():
+    knobs = pytest.importorskip("triton.knobs")
+    assert not launch._hooks_installed()
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton's launch hooks are plain functions")
+    hook = lambda metadata: None  # noqa: E731
+    chain.add(hook)
+    try:
+        assert launch._hooks_installed()
+    finally:
+        chain.remove(hook)
+    assert not launch._hooks_installed()
+
+
 def test_no_direct_path_under_the_interpreter():
     assert not (kernels.utils.INTERPRET and launch.DIRECT)
 
