@@ -99,7 +99,7 @@ class KernelLaunch:
 
     def __call__(self, *args) -> None:
         direct = self.direct
-        if direct is not None and not _hooks_installed():
+        if direct is not None and DIRECT and not _hooks_installed():
             run, grid_0, grid_1, grid_2, device, function, packed, tail = direct
             run(grid_0, grid_1, grid_2, _raw_stream(device), function, packed, None, None, None,
                 *args, *tail)  # fmt: skip
