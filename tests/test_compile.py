@@ -109,12 +109,14 @@ def family(request, tmp_path_factory):
     hf_model.save_pretrained(path)
     model = zoo.load(path, device=DEVICE, dtype=torch.float32)
     torch.manual_seed(4)
-    ids = torch.randint(2, 97, (2, 7), device=DEVICE)
-    if request.param == "t5":
-        inputs = (ids, torch.randint(2, 97, (2, 5), device=DEVICE))  # with decoder_input_ids
-    else:
-        inputs = (ids,)
-    return request.param, model, inputs
+    shapes = []  # two input shapes: the second recompiles with symbolic sizes
+    for batch, seq, seq_decoder in ((2, 7, 5), (3, 11, 6)):
+        ids = torch.randint(2, 97, (batch, seq), device=DEVICE)
+        if request.param == "t5":  # with decoder_input_ids
+            shapes.append((ids, torch.randint(2, 97, (batch, seq_decoder), device=DEVICE)))
+        else:
+            shapes.append((ids,))
+    return request.param, model, shapes
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -127,19 +129,22 @@ def _tensors(output) -> list[torch.Tensor]:
 
 
 def _compare(family, backend: str, bitwise: bool) -> None:
-    name, model, inputs = family
-    with torch.no_grad():
-        expected = _tensors(model(*inputs))
-        compiled = torch.compile(model, fullgraph=True, backend=backend)
-        actual = _tensors(compiled(*inputs))
-        again = _tensors(compiled(*inputs))  # the compiled graph's second run
-    assert len(actual) == len(expected) > 0
-    for i, (a, a2, e) in enumerate(zip(actual, again, expected, strict=True)):
-        if bitwise:
-            assert torch.equal(a, e), f"{name} output {i}: compiled != eager"
-        else:
-            assert_close(a, e, FP32_RTOL, f"{name} output {i}")
-        assert torch.equal(a, a2), f"{name} output {i}: two compiled runs differ"
+    name, model, shapes = family
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for inputs in shapes:
+        shape = tuple(inputs[0].shape)
+        with torch.no_grad():
+            expected = _tensors(model(*inputs))
+            actual = _tensors(compiled(*inputs))
+            again = _tensors(compiled(*inputs))  # the compiled graph's second run
+        assert len(actual) == len(expected) > 0
+        for i, (a, a2, e) in enumerate(zip(actual, again, expected, strict=True)):
+            what = f"{name} {shape} output {i}"
+            if bitwise:
+                assert torch.equal(a, e), f"{what}: compiled != eager"
+            else:
+                assert_close(a, e, FP32_RTOL, what)
+            assert torch.equal(a, a2), f"{what}: two compiled runs differ"
 
 
 def test_fullgraph_aot_eager_equals_eager(family):
