@@ -819,7 +819,8 @@ def _matmul_op(
 
 @_matmul_op.register_fake
 def _(x, weight, bias, activation, residual, alpha):
-    n = weight.shape[0] // 2 if _ACTIVATIONS[activation][1] else weight.shape[0]
+    fused_gate = _ACTIVATIONS.get(activation, (None, False))[1]  # (the real call checks it)
+    n = weight.shape[0] // 2 if fused_gate else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
 
 
