@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.softmax import LOG2E, online_softmax_step
 from kernels.utils import (
     INTERPRET,
@@ -328,24 +329,86 @@ def attention(
     j > i + kv_end[b] - Tq - window (HF's sliding_window). Returns [B, Tq, Hq, D] in q's dtype (or
     fills `out`); queries that see no key get 0.
     """
-    bias = check_attention_inputs(q, k, v, kv_start, kv_end, bias)
+    if torch.compiler.is_compiling():
+        result = torch.ops.zoo.attention(q, k, v, causal, scale, kv_start, kv_end, bias, window)
+        return result if out is None else out.copy_(result)
+    key = (
+        bool(causal),
+        window,
+        tensor_key(q),
+        tensor_key(k),
+        tensor_key(v),
+        tensor_key(kv_start),
+        tensor_key(kv_end),
+        tensor_key(bias),
+        tensor_key(out),
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.put(key, _plan(q, k, v, causal, kv_start, kv_end, bias, out, window))
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if plan is not _EMPTY:
+        _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window)
+    return out
+
+
+# Launch plans (see kernels/launch.py): the checks, blocks and config of one input signature.
+_plans = PlanCache()
+_EMPTY = object()  # the plan of an empty output: nothing to launch
+
+
+class _Plan:
+    __slots__ = ("meta", "grid", "launch")
+
+    def __init__(self, meta, grid, launch) -> None:
+        self.meta = meta  # constexprs and launch options (without the tuned config)
+        self.grid = grid  # grid(config meta)
+        self.launch = launch  # KernelLaunch once the config is known
+
+
+def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
+    """Checks the inputs of a new signature and fixes its launch."""
+    check_attention_inputs(q, k, v, kv_start, kv_end, bias)
     check_window(window, causal)
     B, Tq, Hq, D = q.shape
-    _, S, Hkv, _ = k.shape
-    if out is None:
-        out = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
-    else:
+    if out is not None:
         if out.shape != (B, Tq, Hq, D) or out.dtype != q.dtype:
             raise ValueError(
                 f"out: expected {(B, Tq, Hq, D)} {q.dtype}, got {tuple(out.shape)} {out.dtype}"
             )
         check_last_dim_contiguous("out", out)
-    if out.numel() == 0:
-        return out
+    if q.numel() == 0:
+        return _EMPTY
+    meta = dict(
+        CAUSAL=bool(causal),
+        HAS_WINDOW=window is not None,
+        HAS_BIAS=bias is not None,
+        HAS_KV_START=kv_start is not None,
+        HAS_KV_END=kv_end is not None,
+        BLOCK_D=max(next_pow2(D), 16),
+        DOT_PRECISION=dot_precision(q.dtype),
+        **pdl_meta(q.device, B * Tq),
+    )
+    if INTERPRET:
+        # few, large programs: the interpreter pays per program instance
+        block_m = min(max(next_pow2(Tq), 16), 32)
+        block_n = 32
+        grid = (triton.cdiv(Tq, block_m), B * Hq)
+        launch = KernelLaunch(
+            _attn_fwd_kernel, grid, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        )
+        return _Plan(meta, None, launch)
+    return _Plan(meta, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq), None)
 
+
+def _launch(plan: _Plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
+    B, Tq, Hq, D = q.shape
+    _, S, Hkv, _ = k.shape
+    if bias is not None:
+        bias = bias.expand(B, Hq, Tq, S)
     bias_arg = bias if bias is not None else q
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
-    block_d = max(next_pow2(D), 16)
     args = (
         q, k, v, out, bias_arg,
         kv_start if kv_start is not None else q,
@@ -361,23 +424,43 @@ def attention(
         # B * Hq is the grid's second axis: blocks tuned for one sequence leave SMs idle at 32
         _bucket(Tq), _bucket(S), _bucket(B * Hq),
     )  # fmt: skip
-    meta = dict(
-        CAUSAL=bool(causal),
-        HAS_WINDOW=window is not None,
-        HAS_BIAS=bias is not None,
-        HAS_KV_START=kv_start is not None,
-        HAS_KV_END=kv_end is not None,
-        BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype),
-        **pdl_meta(q.device, B * Tq),
+    if plan.launch is not None:
+        plan.launch(*args)
+        return
+    # the signature's first call: the autotuner picks (or recalls) the config and runs it
+    _attn_fwd[plan.grid](*args, **plan.meta)
+    config = _attn_fwd.best_config
+    plan.launch = KernelLaunch(
+        _attn_fwd_kernel, plan.grid(config.kwargs), {**plan.meta, **config.all_kwargs()}
     )
-    if INTERPRET:
-        # few, large programs: the interpreter pays per program instance
-        block_m = min(max(next_pow2(Tq), 16), 32)
-        block_n = 32
-        grid = (triton.cdiv(Tq, block_m), B * Hq)
-        _attn_fwd[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-    else:
-        grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)
-        _attn_fwd[grid](*args, **meta)
-    return out
+
+
+# torch.compile sees the launcher as a custom op (Triton's launch is not traceable).
+@torch.library.custom_op("zoo::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    window: int | None,
+) -> torch.Tensor:
+    return attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        kv_start=kv_start,
+        kv_end=kv_end,
+        bias=bias,
+        window=window,
+    )
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale, kv_start, kv_end, bias, window):
+    return q.new_empty(q.shape)

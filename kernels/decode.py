@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.softmax import LOG2E, online_softmax_step
 from kernels.utils import (
     INTERPRET,
@@ -244,43 +245,109 @@ def decode_attention(
     window (HF's sliding_window); the splits share that windowed range. Returns [B, 1, Hq, D] in
     q's dtype (or fills `out`); rows that see no key get 0.
     """
+    if torch.compiler.is_compiling():
+        result = torch.ops.zoo.decode_attention(
+            q, k, v, scale, kv_start, kv_end, bias, num_splits, window
+        )
+        return result if out is None else out.copy_(result)
+    key = (
+        num_splits,
+        window,
+        tensor_key(q),
+        tensor_key(k),
+        tensor_key(v),
+        tensor_key(kv_start),
+        tensor_key(kv_end),
+        tensor_key(bias),
+        tensor_key(out),
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.put(key, _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window))
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if plan is not None:
+        _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window)
+    return out
+
+
+# Launch plans (see kernels/launch.py): the checks, split and blocks of one input signature.
+_plans = PlanCache()
+
+
+def _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window):
+    """Checks the inputs of a new signature and fixes its launches (None: empty output)."""
     if q.dim() == 4 and q.shape[1] != 1:
         raise ValueError(f"q: decode takes one query per row, got Tq={q.shape[1]}")
-    bias = check_attention_inputs(q, k, v, kv_start, kv_end, bias)
+    check_attention_inputs(q, k, v, kv_start, kv_end, bias)
     check_window(window)
     B, _, Hq, D = q.shape
     _, S_max, Hkv, _ = k.shape
-    if out is None:
-        out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
-    else:
+    if out is not None:
         if out.shape != (B, 1, Hq, D) or out.dtype != q.dtype:
             raise ValueError(
                 f"out: expected {(B, 1, Hq, D)} {q.dtype}, got {tuple(out.shape)} {out.dtype}"
             )
         check_last_dim_contiguous("out", out)
-    if out.numel() == 0:
-        return out
-
-    group = Hq // Hkv
-    group_pad = max(next_pow2(group), 16)
+    if q.numel() == 0:
+        return None
     block_d = max(next_pow2(D), 16)
     block_n, num_warps, num_stages = _launch_config(block_d, q.element_size())
     if num_splits is None:
         num_splits = _default_num_splits(B, Hkv, S_max, block_n, q.device)
     num_splits = max(int(num_splits), 1)
-    if num_splits > 1:
+    pdl = pdl_meta(q.device, B)  # both kernels
+    split = KernelLaunch(
+        _decode_split_kernel,
+        (B * Hkv, num_splits),
+        dict(
+            NUM_SPLITS=num_splits,
+            HAS_WINDOW=window is not None,
+            HAS_BIAS=bias is not None,
+            HAS_KV_START=kv_start is not None,
+            GROUP_PAD=max(next_pow2(Hq // Hkv), 16),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+            **pdl,
+        ),
+    )
+    if num_splits == 1:
+        return split, None
+    combine = KernelLaunch(
+        _decode_combine_kernel,
+        (B * Hq,),
+        dict(
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_pow2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=1 if block_d * next_pow2(num_splits) <= 2048 else 4,
+            **pdl,
+        ),
+    )
+    return split, combine
+
+
+def _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
+    split, combine = plan
+    B, _, Hq, D = q.shape
+    _, S_max, Hkv, _ = k.shape
+    num_splits = split.grid[1]
+    if combine is not None:
         m_part = torch.empty((B * Hq, num_splits), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((B * Hq, num_splits, D), dtype=torch.float32, device=q.device)
     else:
         m_part = l_part = acc_part = out  # unused by the kernel
-
+    if bias is not None:
+        bias = bias.expand(B, Hq, 1, S_max)
     bias_arg = bias if bias is not None else q
     bias_strides = (
         (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
     )
-    pdl = pdl_meta(q.device, B)  # both kernels
-    _decode_split_kernel[(B * Hkv, num_splits)](
+    split(
         q, k, v, bias_arg,
         kv_start if kv_start is not None else kv_end,
         kv_end,
@@ -290,30 +357,40 @@ def decode_attention(
         v.stride(0), v.stride(1), v.stride(2),
         *bias_strides,
         out.stride(0), out.stride(2),
-        S_max, Hq, Hkv, group, D,
+        S_max, Hq, Hkv, Hq // Hkv, D,
         float(scale) * LOG2E.value,
         window or 0,
-        NUM_SPLITS=num_splits,
-        HAS_WINDOW=window is not None,
-        HAS_BIAS=bias is not None,
-        HAS_KV_START=kv_start is not None,
-        GROUP_PAD=group_pad,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **pdl,
     )  # fmt: skip
-    if num_splits > 1:
-        _decode_combine_kernel[(B * Hq,)](
-            m_part, l_part, acc_part, out,
-            out.stride(0), out.stride(2),
-            Hq, D,
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=next_pow2(num_splits),
-            BLOCK_D=block_d,
-            num_warps=1 if block_d * next_pow2(num_splits) <= 2048 else 4,
-            **pdl,
-        )  # fmt: skip
-    return out
+    if combine is not None:
+        combine(m_part, l_part, acc_part, out, out.stride(0), out.stride(2), Hq, D)
+
+
+# torch.compile sees the launcher as a custom op (Triton's launch is not traceable).
+@torch.library.custom_op("zoo::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_splits: int | None,
+    window: int | None,
+) -> torch.Tensor:
+    return decode_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        kv_start=kv_start,
+        kv_end=kv_end,
+        bias=bias,
+        num_splits=num_splits,
+        window=window,
+    )
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, scale, kv_start, kv_end, bias, num_splits, window):
+    return q.new_empty(q.shape)

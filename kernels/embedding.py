@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     check_last_dim_contiguous,
     next_pow2,
@@ -57,15 +58,12 @@ def _embedding_kernel(
     tl.store(out_ptr + row * out_stride + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def embedding(
-    ids: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    scale: float = 1.0,
-    positions: torch.Tensor | None = None,
-    position_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Gather rows of weight for ids ([...] -> [..., N]), times scale, plus optional positions."""
+_plans = PlanCache()
+_MISSING = object()
+
+
+def _plan(ids, weight, positions, position_weight) -> KernelLaunch | None:
+    """Checks the inputs of a new signature and fixes its launch (None: no rows)."""
     check_last_dim_contiguous("weight", weight)
     if (positions is None) != (position_weight is None):
         raise ValueError("positions and position_weight must be given together")
@@ -77,14 +75,41 @@ def embedding(
             raise ValueError(
                 f"position_weight: width {position_weight.shape[1]} != weight {weight.shape[1]}"
             )
+    rows = ids.numel()
+    if rows == 0:
+        return None
+    meta = {
+        "HAS_POSITIONS": positions is not None,
+        "BLOCK_N": next_pow2(weight.shape[1]),
+        "num_warps": 4,
+        **pdl_meta(weight.device, rows),
+    }
+    return KernelLaunch(_embedding_kernel, (rows,), meta)
+
+
+def embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    positions: torch.Tensor | None = None,
+    position_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gather rows of weight for ids ([...] -> [..., N]), times scale, plus optional positions."""
+    if torch.compiler.is_compiling():
+        return torch.ops.zoo.embedding(ids, weight, scale, positions, position_weight)
+    key = (tensor_key(ids), tensor_key(weight), tensor_key(positions), tensor_key(position_weight))
+    launch = _plans.get(key, _MISSING)
+    if launch is _MISSING:
+        launch = _plans.put(key, _plan(ids, weight, positions, position_weight))
     ids_flat = ids.reshape(-1)
     n = weight.shape[1]
-    out = torch.empty((ids_flat.numel(), n), dtype=weight.dtype, device=weight.device)
-    if ids_flat.numel() == 0:
+    out = torch.empty((ids_flat.shape[0], n), dtype=weight.dtype, device=weight.device)
+    if launch is None:
         return out.view(*ids.shape, n)
     positions_flat = positions.reshape(-1) if positions is not None else ids_flat
     table = position_weight if position_weight is not None else weight
-    _embedding_kernel[(ids_flat.numel(),)](
+    launch(
         ids_flat,
         weight,
         positions_flat,
@@ -97,9 +122,22 @@ def embedding(
         out.stride(0),
         n,
         float(scale),
-        HAS_POSITIONS=positions is not None,
-        BLOCK_N=next_pow2(n),
-        num_warps=4,
-        **pdl_meta(out.device, ids_flat.numel()),
     )
     return out.view(*ids.shape, n)
+
+
+# torch.compile sees the launcher as a custom op (Triton's launch is not traceable).
+@torch.library.custom_op("zoo::embedding", mutates_args=())
+def _embedding_op(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float,
+    positions: torch.Tensor | None,
+    position_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    return embedding(ids, weight, scale=scale, positions=positions, position_weight=position_weight)
+
+
+@_embedding_op.register_fake
+def _(ids, weight, scale, positions, position_weight):
+    return weight.new_empty((*ids.shape, weight.shape[1]))

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -513,24 +514,8 @@ _matmul_tma_kernel_tuned = (
     )(_matmul_tma_kernel)
 )
 
-# The config the autotuner chose per key (see _launch_tuned)
+# The config the autotuner chose per autotune key (shared by the plans of one bucket)
 _tuned_configs: dict[tuple, triton.Config] = {}
-
-
-def _launch_tuned(kernel, tuned, key: tuple, grid, args: tuple, meta: dict) -> None:
-    """Launch kernel with the config its autotuner `tuned` chose for key, tuning on the key's
-    first call. Later calls skip the autotuner's per-call dispatch (tens of microseconds, as much
-    as a decode-sized kernel runs) and run the config's pre_hook as the autotuner would."""
-    config = _tuned_configs.get(key)
-    if config is None:
-        tuned[grid](*args, **meta)
-        _tuned_configs[key] = tuned.best_config
-        return
-    launch_meta = {**meta, **config.all_kwargs()}
-    if config.pre_hook is not None:
-        # arg_names lists the positional arguments first, then the constexprs
-        config.pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **launch_meta})
-    kernel[grid(config.kwargs)](*args, **launch_meta)
 
 
 def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
@@ -594,59 +579,28 @@ def _as_rows(name: str, t: torch.Tensor, n_cols: int, *, view_only: bool) -> tor
     return rows
 
 
-def _matmul_tma(x2, weight, bias, res2, out2, m_bucket, alpha, meta, key) -> None:
-    """Launch the persistent TMA kernel on 2D operands (checked by the caller); meta holds the
-    epilogue's constexprs and the launch options, key the problem's autotune key."""
-    (m, k), n = x2.shape, out2.shape[1]
-    dummy = out2  # stands in for absent pointers; never read (constexpr-disabled)
-    # block shapes are placeholders until a config sets them (_set_tma_blocks)
-    x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [16, 16])
-    w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [16, 16])
-    args = (
-        x_desc,
-        w_desc,
-        bias if bias is not None else dummy,
-        res2 if res2 is not None else dummy,
-        out2,
-        m,
-        n,
-        k,
-        m_bucket,
-        res2.stride(0) if res2 is not None else 0,
-        out2.stride(0),
-        alpha,
-    )
-    if INTERPRET:
-        config = _INTERPRET_TMA_CONFIG
-        _set_tma_blocks({"x_desc": x_desc, "w_desc": w_desc, **config})
-        _matmul_tma_kernel[(_INTERPRET_TMA_PROGRAMS,)](*args, **meta, **config)
-        return
-    sms = num_sms(x2.device)
+class _Plan:
+    """What matmul decided for one signature (see kernels/launch.py)."""
 
-    def grid(launch_meta):
-        tiles = triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"])
-        return (min(sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
+    __slots__ = ("n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune")
 
-    _launch_tuned(_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), grid, args, meta)
+    def __init__(self, n, out_shape, split_k=1, tma=False, main=None, epilogue=None, tune=None):
+        self.n = n  # output columns
+        self.out_shape = out_shape
+        self.split_k = split_k
+        self.tma = tma  # the persistent TMA kernel
+        # its descriptors' block shapes ([BLOCK_M, BLOCK_K], [BLOCK_N, BLOCK_K]) once known
+        self.tma_blocks = _tma_blocks(main.meta) if tma and main is not None else None
+        self.main = main  # KernelLaunch of the GEMM; None until its config is known
+        self.epilogue = epilogue  # KernelLaunch of the split-K epilogue, or None
+        self.tune = tune  # (kernel, autotuner, autotune key, grid(meta), meta) while main is None
 
 
-def matmul(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y = residual + alpha * act(x @ weight.T + bias), with x: [..., K] and weight: [N, K].
+_plans = PlanCache()
 
-    For activation "silu_mul" / "gelu_tanh_mul" weight (and bias) are the fused
-    cat([gate, up]) of 2 * I rows and y = act(x @ gate.T + b_gate) * (x @ up.T + b_up) has I
-    columns. Returns a new tensor of shape [..., N_out] and x's dtype, or ``out`` when given
-    (``out`` may be ``residual`` itself for an in-place residual add).
-    """
+
+def _plan(x, weight, bias, activation, residual, out) -> _Plan:
+    """Checks the inputs of a new signature and fixes its kernel, split and launches."""
     if activation not in _ACTIVATIONS:
         raise ValueError(
             f"activation: unknown {activation!r}, expected one of {list(_ACTIVATIONS)}"
@@ -677,7 +631,6 @@ def matmul(
                 f"bias: expected shape ({n_w},) for weight of shape {tuple(weight.shape)}, got {tuple(bias.shape)}"
             )
         _check_same("bias", bias, x)
-        bias = bias.contiguous()
     if residual is not None:
         if tuple(residual.shape) != out_shape:
             raise ValueError(
@@ -690,15 +643,11 @@ def matmul(
                 f"out: expected the output's shape {out_shape}, got {tuple(out.shape)}"
             )
         _check_same("out", out, x)
-    else:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-
+        _as_rows("out", out, n, view_only=True)  # raises if out cannot be written in place
     x2 = _as_rows("x", x, k, view_only=False)
-    out2 = _as_rows("out", out, n, view_only=True)
-    res2 = _as_rows("residual", residual, n, view_only=False) if residual is not None else None
     m = x2.shape[0]
     if m == 0 or n == 0:
-        return out
+        return _Plan(n, out_shape)
 
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
     split_k = _pick_split_k(m_bucket, n, k, x.device)
@@ -706,37 +655,28 @@ def matmul(
     shared_meta = {
         "ACTIVATION": act_name,
         "HAS_BIAS": bias is not None,
-        "HAS_RESIDUAL": res2 is not None,
+        "HAS_RESIDUAL": residual is not None,
         "FUSED_GATE": fused_gate,
         **pdl_meta(x.device, m),
     }
-    key = (m_bucket, n, k, act_name, fused_gate, res2 is not None, bias is not None, x.dtype)
+    key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype)
+
     if split_k == 1 and _takes_tma(x2, weight, m_bucket):
-        _matmul_tma(x2, weight, bias, res2, out2, m_bucket, float(alpha), shared_meta, key)
-        return out
-    ws = None
-    if split_k > 1:
-        ws = torch.empty((split_k, m, n_w), dtype=torch.float32, device=x.device)
-    dummy = out2  # stands in for absent pointers; never read (constexpr-disabled)
-    args = (
-        x2,
-        weight,
-        bias if bias is not None else dummy,
-        res2 if res2 is not None else dummy,
-        out2,
-        ws if ws is not None else dummy,
-        m,
-        n,
-        k,
-        m_bucket,
-        x2.stride(0),
-        weight.stride(0),
-        res2.stride(0) if res2 is not None else 0,
-        out2.stride(0),
-        ws.stride(0) if ws is not None else 0,
-        ws.stride(1) if ws is not None else 0,
-        float(alpha),
-    )
+        if INTERPRET:
+            config = _INTERPRET_TMA_CONFIG
+            main = KernelLaunch(
+                _matmul_tma_kernel, (_INTERPRET_TMA_PROGRAMS,), {**shared_meta, **config}
+            )
+            return _Plan(n, out_shape, tma=True, main=main)
+        sms = num_sms(x.device)
+
+        def tma_grid(launch_meta):
+            tiles = triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"])
+            return (min(sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
+
+        tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, shared_meta)
+        return _Plan(n, out_shape, tma=True, tune=tune)
+
     meta = {
         **shared_meta,
         "SPLIT_K": split_k,
@@ -754,28 +694,160 @@ def matmul(
             split_k,
         )
 
-    if INTERPRET:
-        _matmul_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
-    else:
-        _launch_tuned(_matmul_kernel, _matmul_kernel_tuned, (*key, split_k), grid, args, meta)
-
+    epilogue = None
     if split_k > 1:
         block_m, block_n = (32, 128) if INTERPRET else (16, 256)
-        _splitk_epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            ws,
-            args[2],
-            args[3],
-            out2,
-            m,
-            n,
-            ws.stride(0),
-            ws.stride(1),
-            args[12],
-            out2.stride(0),
-            float(alpha),
-            **shared_meta,
-            SPLIT_K=split_k,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
+        epilogue = KernelLaunch(
+            _splitk_epilogue_kernel,
+            (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
+            {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
         )
+    if INTERPRET:
+        main = KernelLaunch(_matmul_kernel, grid(_INTERPRET_CONFIG), {**meta, **_INTERPRET_CONFIG})
+        return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue)
+    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k), grid, meta)
+    return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
+
+
+def _tma_blocks(config) -> tuple[list[int], list[int]]:
+    """A config's tile shape is the TMA descriptors' block shape."""
+    return [config["BLOCK_M"], config["BLOCK_K"]], [config["BLOCK_N"], config["BLOCK_K"]]
+
+
+def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
+    """Run a plan's kernels on 2D operands of its signature."""
+    if plan.main is None and plan.tune[2] in _tuned_configs:
+        # the autotune key was tuned (by this plan's first call or another signature's)
+        kernel, _, key, grid, meta = plan.tune
+        config = _tuned_configs[key]
+        plan.main = KernelLaunch(kernel, grid(config.kwargs), {**meta, **config.all_kwargs()})
+        plan.tma_blocks = _tma_blocks(plan.main.meta) if plan.tma else None
+        plan.tune = None
+    (m, k), n = x2.shape, plan.n
+    dummy = out2  # stands in for absent pointers; never read (constexpr-disabled)
+    bias_arg = bias if bias is not None else dummy
+    res_arg = res2 if res2 is not None else dummy
+    res_stride = res2.stride(0) if res2 is not None else 0
+    ws = None
+    if plan.tma:
+        # placeholder block shapes while tuning: each config's pre_hook sets its own
+        x_block, w_block = plan.tma_blocks or ([16, 16], [16, 16])
+        x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], x_block)
+        w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], w_block)
+        args = (x_desc, w_desc, bias_arg, res_arg, out2, m, n, k, _m_bucket(m), res_stride,
+                out2.stride(0), alpha)  # fmt: skip
+    else:
+        if plan.split_k > 1:
+            ws = torch.empty(
+                (plan.split_k, m, weight.shape[0]), dtype=torch.float32, device=x2.device
+            )
+        args = (
+            x2, weight, bias_arg, res_arg, out2, ws if ws is not None else dummy, m, n, k,
+            _m_bucket(m), x2.stride(0), weight.stride(0), res_stride, out2.stride(0),
+            ws.stride(0) if ws is not None else 0, ws.stride(1) if ws is not None else 0, alpha,
+        )  # fmt: skip
+
+    if plan.main is not None:
+        plan.main(*args)
+    else:  # the key's first call: the autotuner benchmarks the configs and runs the best
+        _, tuned, key, grid, meta = plan.tune
+        tuned[grid](*args, **meta)
+        _tuned_configs[key] = tuned.best_config
+
+    if plan.epilogue is not None:
+        plan.epilogue(ws, bias_arg, res_arg, out2, m, n, ws.stride(0), ws.stride(1), res_stride,
+                      out2.stride(0), alpha)  # fmt: skip
+
+
+def _m_bucket(m: int) -> int:
+    return min(next_pow2(m), _M_BUCKET_CAP)
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = residual + alpha * act(x @ weight.T + bias), with x: [..., K] and weight: [N, K].
+
+    For activation "silu_mul" / "gelu_tanh_mul" weight (and bias) are the fused
+    cat([gate, up]) of 2 * I rows and y = act(x @ gate.T + b_gate) * (x @ up.T + b_up) has I
+    columns. Returns a new tensor of shape [..., N_out] and x's dtype, or ``out`` when given
+    (``out`` may be ``residual`` itself for an in-place residual add).
+    """
+    if torch.compiler.is_compiling():
+        if out is None:
+            return torch.ops.zoo.matmul(x, weight, bias, activation, residual, alpha)
+        torch.ops.zoo.matmul_out(x, weight, bias, activation, residual, alpha, out)
+        return out
+    key = (
+        activation,
+        tensor_key(x),
+        tensor_key(weight),
+        tensor_key(bias),
+        tensor_key(residual),
+        tensor_key(out),
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.put(key, _plan(x, weight, bias, activation, residual, out))
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+    if plan.main is None and plan.tune is None:  # nothing to compute (M or N is 0)
+        return out
+    n = plan.n
+    k = x.shape[-1]
+    _launch(
+        plan,
+        _as_rows("x", x, k, view_only=False),
+        weight,
+        bias.contiguous() if bias is not None else None,
+        _as_rows("residual", residual, n, view_only=False) if residual is not None else None,
+        _as_rows("out", out, n, view_only=True),
+        float(alpha),
+    )
     return out
+
+
+# torch.compile sees matmul as custom ops (Triton's launch is not traceable): a functional one,
+# and one that writes into `out` (which may be the residual itself).
+@torch.library.custom_op("zoo::matmul", mutates_args=())
+def _matmul_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    alpha: float,
+) -> torch.Tensor:
+    return matmul(x, weight, bias, activation=activation, residual=residual, alpha=alpha)
+
+
+@_matmul_op.register_fake
+def _(x, weight, bias, activation, residual, alpha):
+    fused_gate = _ACTIVATIONS.get(activation, (None, False))[1]  # (the real call checks it)
+    n = weight.shape[0] // 2 if fused_gate else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("zoo::matmul_out", mutates_args=("out",))
+def _matmul_out_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    alpha: float,
+    out: torch.Tensor,
+) -> None:
+    matmul(x, weight, bias, activation=activation, residual=residual, alpha=alpha, out=out)
+
+
+@_matmul_out_op.register_fake
+def _(x, weight, bias, activation, residual, alpha, out):
+    return None

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -73,14 +74,15 @@ def _norm_kernel(
     tl.store(out_ptr + row * out_stride_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    check_last_dim_contiguous(name, t)
-    if t.dim() == 2:
-        return t
-    return t.reshape(-1, t.shape[-1])
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _norm(x, weight, bias, eps, residual, is_rms):
+_plans = PlanCache()
+
+
+def _plan(x, weight, bias, residual, is_rms) -> KernelLaunch:
+    """Checks the inputs of a new signature and fixes its launch."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"weight: expected shape ({n},), got {tuple(weight.shape)}")
@@ -92,19 +94,37 @@ def _norm(x, weight, bias, eps, residual, is_rms):
         raise ValueError(f"residual: dtype {residual.dtype} != x {x.dtype}")
     if x.numel() == 0:
         raise ValueError("x: empty input")
-    x_rows = _as_rows("x", x)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out_rows = out.view(-1, n)
+    check_last_dim_contiguous("x", x)
     if residual is not None:
-        residual_rows = _as_rows("residual", residual)
-        residual_out = torch.empty_like(out)
-        residual_out_rows = residual_out.view(-1, n)
+        check_last_dim_contiguous("residual", residual)
+    rows = x.numel() // n
+    block_n = next_pow2(n)
+    meta = {
+        "IS_RMS": is_rms,
+        "HAS_RESIDUAL": residual is not None,
+        "HAS_BIAS": bias is not None,
+        "BLOCK_N": block_n,
+        "num_warps": 4 if INTERPRET else min(max(block_n // 256, 1), 16),
+        **pdl_meta(x.device, rows),
+    }
+    return KernelLaunch(_norm_kernel, (rows,), meta)
+
+
+def _norm(x, weight, bias, eps, residual, is_rms):
+    key = (is_rms, tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(residual))
+    launch = _plans.get(key)
+    if launch is None:
+        launch = _plans.put(key, _plan(x, weight, bias, residual, is_rms))
+    x_rows = _as_rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out_rows = out.view(x_rows.shape)
+    if residual is not None:
+        residual_rows = _as_rows(residual)
+        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        residual_out_rows = residual_out.view(x_rows.shape)
     else:
         residual_rows = residual_out_rows = x_rows  # unused by the kernel
-        residual_out = None
-    block_n = next_pow2(n)
-    num_warps = 4 if INTERPRET else min(max(block_n // 256, 1), 16)
-    _norm_kernel[(x_rows.shape[0],)](
+    launch(
         x_rows,
         residual_rows,
         residual_out_rows,
@@ -115,14 +135,8 @@ def _norm(x, weight, bias, eps, residual, is_rms):
         residual_rows.stride(0),
         residual_out_rows.stride(0),
         out_rows.stride(0),
-        n,
+        x_rows.shape[1],
         float(eps),
-        IS_RMS=is_rms,
-        HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-        **pdl_meta(x.device, x_rows.shape[0]),
     )
     if residual is not None:
         return out, residual_out
@@ -133,6 +147,8 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x (or of x + residual). Returns y, or (y, x + residual) when residual is given."""
+    if torch.compiler.is_compiling():
+        return _unpack(torch.ops.zoo.rms_norm(x, weight, eps, residual))
     return _norm(x, weight, None, eps, residual, is_rms=True)
 
 
@@ -144,4 +160,50 @@ def layer_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm of x (or of x + residual). Returns y, or (y, x + residual) when residual is given."""
+    if torch.compiler.is_compiling():
+        return _unpack(torch.ops.zoo.layer_norm(x, weight, bias, eps, residual))
     return _norm(x, weight, bias, eps, residual, is_rms=False)
+
+
+# torch.compile sees the launchers as custom ops (opaque to tracing: Triton's launch is not
+# traceable); they return [y] or [y, x + residual].
+def _unpack(outputs):
+    return outputs[0] if len(outputs) == 1 else (outputs[0], outputs[1])
+
+
+def _as_list(result) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+@torch.library.custom_op("zoo::rms_norm", mutates_args=())
+def _rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> list[torch.Tensor]:
+    return _as_list(_norm(x, weight, None, eps, residual, is_rms=True))
+
+
+@torch.library.custom_op("zoo::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    return _as_list(_norm(x, weight, bias, eps, residual, is_rms=False))
+
+
+def _norm_fake(x, residual):
+    if residual is None:
+        return [torch.empty_like(x, memory_format=torch.contiguous_format)]
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, residual):
+    return _norm_fake(x, residual)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, residual):
+    return _norm_fake(x, residual)

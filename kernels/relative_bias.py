@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -65,20 +66,11 @@ def _relative_bias_kernel(
         tl.store(out_base + h * out_stride_h, value, mask=mask)
 
 
-def relative_position_bias(
-    table: torch.Tensor,
-    buckets: torch.Tensor,
-    query_length: int,
-    key_length: int,
-    query_offset: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Bias [B, H, Tq, S] (B = 1 without query_offset) for queries at positions
-    query_offset[b] + i (i < query_length) and keys at positions j < key_length.
+_plans = PlanCache()
 
-    table: [num_buckets, H] (contiguous last dim); buckets: contiguous int32 [2R + 1], the bucket
-    of relative position r at index r + R, every value < num_buckets; query_offset: int32 [B] on
-    the table's device (None: 0). The output has the table's dtype.
-    """
+
+def _plan(table, buckets, query_length, key_length, query_offset) -> KernelLaunch:
+    """Checks the inputs of a new signature and fixes its launch."""
     if table.dim() != 2:
         raise ValueError(f"table: expected [num_buckets, H], got shape {tuple(table.shape)}")
     check_last_dim_contiguous("table", table)
@@ -106,10 +98,6 @@ def relative_position_bias(
                 f"{query_offset.dtype} {tuple(query_offset.shape)} on {query_offset.device}"
             )
         batch = query_offset.shape[0]
-    heads = table.shape[1]
-    out = torch.empty(
-        (batch, heads, query_length, key_length), dtype=table.dtype, device=table.device
-    )
     if INTERPRET:  # few, large programs: the interpreter pays per program instance
         block_m = min(next_pow2(query_length), 64)
         block_n = min(next_pow2(key_length), 256)
@@ -117,7 +105,50 @@ def relative_position_bias(
         block_m = min(next_pow2(query_length), 16)
         block_n = min(next_pow2(key_length), 128)
     grid = (triton.cdiv(query_length, block_m), triton.cdiv(key_length, block_n), batch)
-    _relative_bias_kernel[grid](
+    meta = {
+        "HAS_OFFSET": query_offset is not None,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": 4,
+        **pdl_meta(table.device, batch * query_length),
+    }
+    return KernelLaunch(_relative_bias_kernel, grid, meta)
+
+
+def relative_position_bias(
+    table: torch.Tensor,
+    buckets: torch.Tensor,
+    query_length: int,
+    key_length: int,
+    query_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bias [B, H, Tq, S] (B = 1 without query_offset) for queries at positions
+    query_offset[b] + i (i < query_length) and keys at positions j < key_length.
+
+    table: [num_buckets, H] (contiguous last dim); buckets: contiguous int32 [2R + 1], the bucket
+    of relative position r at index r + R, every value < num_buckets; query_offset: int32 [B] on
+    the table's device (None: 0). The output has the table's dtype.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.zoo.relative_position_bias(
+            table, buckets, query_length, key_length, query_offset
+        )
+    key = (
+        query_length,
+        key_length,
+        tensor_key(table),
+        tensor_key(buckets),
+        tensor_key(query_offset),
+    )
+    launch = _plans.get(key)
+    if launch is None:
+        launch = _plans.put(key, _plan(table, buckets, query_length, key_length, query_offset))
+    batch = query_offset.shape[0] if query_offset is not None else 1
+    heads = table.shape[1]
+    out = torch.empty(
+        (batch, heads, query_length, key_length), dtype=table.dtype, device=table.device
+    )
+    launch(
         table,
         buckets,
         query_offset if query_offset is not None else buckets,
@@ -128,11 +159,24 @@ def relative_position_bias(
         query_length,
         key_length,
         heads,
-        buckets.numel() // 2,
-        HAS_OFFSET=query_offset is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=4,
-        **pdl_meta(out.device, batch * query_length),
+        buckets.shape[0] // 2,
     )
     return out
+
+
+# torch.compile sees the launcher as a custom op (Triton's launch is not traceable).
+@torch.library.custom_op("zoo::relative_position_bias", mutates_args=())
+def _relative_position_bias_op(
+    table: torch.Tensor,
+    buckets: torch.Tensor,
+    query_length: int,
+    key_length: int,
+    query_offset: torch.Tensor | None,
+) -> torch.Tensor:
+    return relative_position_bias(table, buckets, query_length, key_length, query_offset)
+
+
+@_relative_position_bias_op.register_fake
+def _(table, buckets, query_length, key_length, query_offset):
+    batch = query_offset.shape[0] if query_offset is not None else 1
+    return table.new_empty((batch, table.shape[1], query_length, key_length))

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     check_last_dim_contiguous,
     next_pow2,
@@ -167,6 +168,24 @@ def rope_cache_write(
     inv_freq): RMSNorm (epsilon norm_eps) of every query and key head before the rotation (Qwen3).
     Returns the query view [B, T, Hq, D] of qkv (rotated in place).
     """
+    args = (
+        qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight, k_norm_weight,
+        num_q_heads, num_kv_heads, head_dim, attention_scaling, norm_eps,
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        torch.ops.zoo.rope_cache_write(*args)
+    else:
+        _rope_cache_write(*args)
+    batch, seq, _ = qkv.shape
+    return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]
+
+
+_plans = PlanCache()
+
+
+def _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
+          k_norm_weight, num_q_heads, num_kv_heads, head_dim) -> KernelLaunch:  # fmt: skip
+    """Checks the inputs of a new signature and fixes its launch."""
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected [B, T, (Hq + 2 * Hkv) * D], got shape {tuple(qkv.shape)}")
     batch, seq, width = qkv.shape
@@ -199,9 +218,6 @@ def rope_cache_write(
                 f"inv_freq: expected fp32 of shape ({head_dim // 2},), "
                 f"got {inv_freq.dtype} {tuple(inv_freq.shape)}"
             )
-    else:
-        positions = cache_lengths.view(batch, 1)  # unused by the kernel
-        inv_freq = qkv
     has_qk_norm = q_norm_weight is not None or k_norm_weight is not None
     if has_qk_norm:
         for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
@@ -210,7 +226,50 @@ def rope_cache_write(
                 raise ValueError(f"{name}: expected a contiguous ({head_dim},) tensor, got {got}")
         if not has_rope:
             raise ValueError("q_norm_weight / k_norm_weight are applied with rotary (inv_freq)")
-    _rope_cache_kernel[(batch * seq,)](
+    meta = {
+        "NUM_Q_HEADS": num_q_heads,
+        "NUM_KV_HEADS": num_kv_heads,
+        "HEAD_DIM": head_dim,
+        "HAS_ROPE": has_rope,
+        "HAS_QK_NORM": has_qk_norm,
+        "BLOCK_H": next_pow2(max(num_q_heads, num_kv_heads)),
+        "BLOCK_HALF": next_pow2(head_dim // 2),
+        "BLOCK_D": next_pow2(head_dim),
+        "num_warps": 4,
+        **pdl_meta(qkv.device, batch * seq),
+    }
+    return KernelLaunch(_rope_cache_kernel, (batch * seq,), meta)
+
+
+def _rope_cache_write(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
+                      k_norm_weight, num_q_heads, num_kv_heads, head_dim, attention_scaling,
+                      norm_eps) -> None:  # fmt: skip
+    key = (
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        tensor_key(qkv),
+        tensor_key(k_cache),
+        tensor_key(v_cache),
+        tensor_key(cache_lengths),
+        tensor_key(positions),
+        tensor_key(inv_freq),
+        tensor_key(q_norm_weight),
+        tensor_key(k_norm_weight),
+    )
+    launch = _plans.get(key)
+    if launch is None:
+        launch = _plans.put(
+            key,
+            _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
+                  k_norm_weight, num_q_heads, num_kv_heads, head_dim),
+        )  # fmt: skip
+    batch, seq, _ = qkv.shape
+    if inv_freq is None:
+        positions = cache_lengths.view(batch, 1)  # unused by the kernel
+        inv_freq = qkv
+    has_qk_norm = q_norm_weight is not None
+    launch(
         qkv,
         positions,
         inv_freq,
@@ -230,15 +289,33 @@ def rope_cache_write(
         k_cache.shape[2],
         float(attention_scaling),
         float(norm_eps),
-        NUM_Q_HEADS=num_q_heads,
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        HAS_ROPE=has_rope,
-        HAS_QK_NORM=has_qk_norm,
-        BLOCK_H=next_pow2(max(num_q_heads, num_kv_heads)),
-        BLOCK_HALF=next_pow2(head_dim // 2),
-        BLOCK_D=next_pow2(head_dim),
-        num_warps=4,
-        **pdl_meta(qkv.device, batch * seq),
     )
-    return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]
+
+
+# torch.compile sees the launch as a custom op that rotates q and k in qkv and writes the caches;
+# the query view is taken outside it (a custom op may not return a view of its input).
+@torch.library.custom_op("zoo::rope_cache_write", mutates_args=("qkv", "k_cache", "v_cache"))
+def _rope_cache_write_op(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    positions: torch.Tensor | None,
+    inv_freq: torch.Tensor | None,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    attention_scaling: float,
+    norm_eps: float,
+) -> None:
+    _rope_cache_write(
+        qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight, k_norm_weight,
+        num_q_heads, num_kv_heads, head_dim, attention_scaling, norm_eps,
+    )  # fmt: skip
+
+
+@_rope_cache_write_op.register_fake
+def _(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, *weights_sizes_and_scales):
+    return None

@@ -242,6 +242,8 @@ def _check_token_types(
         raise ValueError(
             f"token_type_ids: on {token_type_ids.device}, input_ids on {input_ids.device}"
         )
+    if torch.compiler.is_compiling():  # a traced graph cannot branch on the ids' values
+        return token_type_ids
     low, high = token_type_ids.min().item(), token_type_ids.max().item()
     if low < 0 or high >= type_vocab_size:
         bad = low if low < 0 else high

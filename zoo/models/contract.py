@@ -231,7 +231,7 @@ class DecoderOnlyLM(GenerativeLM):
                 f"input_ids: {seq} tokens exceed the model's context of {self.max_length} tokens"
             )
         check_cuda_graph(cuda_graph, self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(not torch.compiler.is_compiling()):
             if graphs.use_graphs(self, cuda_graph):
                 return graphs.decoder_forward(self, input_ids, positions, kv_start)
             cache = self.new_cache(batch, seq)
