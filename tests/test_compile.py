@@ -29,17 +29,7 @@ FP32_RTOL = 1e-5  # inductor's fused glue (embedding sums, masks) may round diff
 
 
 @pytest.fixture(autouse=True)
-def value_checks_skipped_while_tracing(monkeypatch):
-    """check_input_ids reads the ids' range with .item(), which fullgraph tracing cannot do; the
-    forward's own checks of it are skipped while compiling."""
-    original = zoo.generation.check_input_ids
-
-    def check_input_ids(*args, **kwargs):
-        if not torch.compiler.is_compiling():
-            original(*args, **kwargs)
-
-    for module in (zoo.generation, zoo.models.bert, zoo.models.t5):
-        monkeypatch.setattr(module, "check_input_ids", check_input_ids)
+def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -207,10 +197,13 @@ def _opcheck_cases():
                 torch.tensor([0, 2], **int32),
                 torch.arange(3, device=DEVICE).expand(2, 3) + 1,
                 1.0 / 10000 ** (torch.arange(d // 2, device=DEVICE) / (d // 2)),
+                None,  # q_norm_weight
+                None,  # k_norm_weight
                 heads_q,
                 heads_kv,
                 d,
                 1.0,
+                1e-6,  # norm_eps
             ),
         ),
         "embedding": (
@@ -238,6 +231,7 @@ def _opcheck_cases():
                 None,
                 torch.tensor([5, 4], **int32),
                 None,
+                3,  # window
             ),
         ),  # fmt: skip
         "decode_attention": (
@@ -251,6 +245,7 @@ def _opcheck_cases():
                 torch.tensor([6, 3], **int32),
                 randn(1, 2, 1, 6),
                 None,
+                None,  # window
             ),
         ),  # fmt: skip
     }

@@ -2,12 +2,14 @@
 written once.
 
 Type, shape, dtype and device checks always run. Checks that read values (ids in the vocabulary,
-mask values and layout) sync with the host, so they are skipped while torch.compile traces
+mask values and layout) must read the device, so a call gathers them in one ValueChecks and reads
+them all back with a single host sync; they are skipped while torch.compile traces
 (`torch.compiler.is_compiling()`); padding, positions and lengths are tensor ops either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,11 +22,65 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+class ValueChecks:
+    """The value checks of one call, read back together: each adds a few device scalars and a
+    test of their values that returns an error message (or None); run() copies every scalar to
+    the host at once (one sync, where a check on its own would sync each time) and raises the
+    first failure, in the order the checks were added."""
+
+    def __init__(self) -> None:
+        self._values: list[torch.Tensor] = []
+        self._tests: list[tuple[int, Callable[[list[int]], str | None]]] = []
+
+    def add(self, values: list[torch.Tensor], test: Callable[[list[int]], str | None]) -> None:
+        if _tracing():
+            return
+        self._tests.append((len(values), test))
+        self._values.extend(v.reshape(1).to(torch.int64) for v in values)
+
+    def run(self) -> None:
+        if not self._tests:
+            return
+        values = torch.cat(self._values).tolist()
+        self._values, tests, self._tests = [], self._tests, []
+        start = 0
+        for count, test in tests:
+            message = test(values[start : start + count])
+            if message is not None:
+                raise ValueError(message)
+            start += count
+
+
+def _checked(run: Callable[[ValueChecks], object], checks: ValueChecks | None):
+    """run(checks) with the caller's ValueChecks, or with its own, read back at once."""
+    if checks is not None:
+        return run(checks)
+    own = ValueChecks()
+    result = run(own)
+    own.run()
+    return result
+
+
+def _in_range(size: int, message: Callable[[int], str]) -> Callable[[list[int]], str | None]:
+    """The test of (min, max) values that must lie in [0, size); message(bad value)."""
+
+    def test(values: list[int]) -> str | None:
+        low, high = values
+        return message(low if low < 0 else high) if low < 0 or high >= size else None
+
+    return test
+
+
 def check_input_ids(
-    input_ids: torch.Tensor, vocab_size: int, device: torch.device, name: str = "input_ids"
+    input_ids: torch.Tensor,
+    vocab_size: int,
+    device: torch.device,
+    name: str = "input_ids",
+    checks: ValueChecks | None = None,
 ) -> None:
     """Reject ids the kernels must never see: wrong type, shape, device, or outside the vocab.
-    `name` is the argument named in the message (e.g. decoder_input_ids)."""
+    `name` is the argument named in the message (e.g. decoder_input_ids). With `checks`, the
+    range check is added there (read back by its run()) instead of syncing here."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -35,15 +91,21 @@ def check_input_ids(
         raise ValueError(f"{name}: empty input of shape {tuple(input_ids.shape)}")
     if input_ids.device != device:
         raise ValueError(f"{name}: on {input_ids.device}, but the model is on {device}")
-    if _tracing():
-        return
-    low, high = input_ids.min().item(), input_ids.max().item()
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    _checked(
+        lambda c: c.add(
+            list(torch.aminmax(input_ids)),
+            _in_range(
+                vocab_size,
+                lambda bad: f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})",
+            ),
+        ),
+        checks,
+    )
 
 
-def check_attention_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def check_attention_mask(
+    attention_mask: torch.Tensor, input_ids: torch.Tensor, checks: ValueChecks | None = None
+) -> torch.Tensor:
     """The mask as int64 0/1 [B, T], after rejecting what would silently mean something else: not
     a tensor, a floating-point mask (an additive -inf mask, or 0.5 that a cast turns into 0),
     another shape or device than input_ids, values other than 0 and 1."""
@@ -64,49 +126,111 @@ def check_attention_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) 
             f"attention_mask: on {attention_mask.device}, input_ids on {input_ids.device}"
         )
     mask = attention_mask.to(torch.int64)
-    if not _tracing() and ((mask != 0) & (mask != 1)).any():
-        raise ValueError("attention_mask: values must be 0 or 1")
+    _checked(
+        lambda c: c.add(
+            [(mask.clamp(0, 1) != mask).any()],
+            lambda bad: "attention_mask: values must be 0 or 1" if bad[0] else None,
+        ),
+        checks,
+    )
     return mask
 
 
+def _padding_test(side: str, batches: str) -> Callable[[list[int]], str | None]:
+    def test(values: list[int]) -> str | None:
+        wrong_side, empty_row = values
+        if wrong_side:
+            layout = "zeros, then ones" if side == "left" else "ones, then zeros"
+            return f"attention_mask: {batches} must be {side}-padded (each row: {layout})"
+        if empty_row:
+            return "attention_mask: a row has no real token"
+        return None
+
+    return test
+
+
 def left_padding(
-    attention_mask: torch.Tensor | None, input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    checks: ValueChecks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions [B, T] (int64) and first real slot [B] (int32) of a left-padded batch."""
     batch, seq = input_ids.shape
     if attention_mask is None:
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         return positions, torch.zeros(batch, dtype=torch.int32, device=input_ids.device)
-    mask = check_attention_mask(attention_mask, input_ids)
-    if not _tracing():
-        if (mask[:, 1:] < mask[:, :-1]).any():
-            raise ValueError(
-                "attention_mask: decoder-only batches must be left-padded (each row: zeros, then ones)"
-            )
-        if (mask[:, -1] == 0).any():
-            raise ValueError("attention_mask: a row has no real token")
+
+    def check(c: ValueChecks) -> torch.Tensor:
+        mask = check_attention_mask(attention_mask, input_ids, c)
+        c.add(
+            [(mask[:, 1:] < mask[:, :-1]).any(), (mask[:, -1] == 0).any()],
+            _padding_test("left", "decoder-only batches"),
+        )
+        return mask
+
+    mask = _checked(check, checks)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kv_start = (mask == 0).sum(-1).to(torch.int32)
     return positions, kv_start
 
 
 def right_padding_lengths(
-    attention_mask: torch.Tensor | None, input_ids: torch.Tensor, batches: str
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    batches: str,
+    checks: ValueChecks | None = None,
 ) -> torch.Tensor | None:
     """Real tokens per row [B] (int32) of a right-padded batch (each mask row: ones, then zeros;
     at least one token), or None without a mask. `batches` names them in the message (e.g.
     "Bert batches", "T5 encoder batches")."""
     if attention_mask is None:
         return None
-    mask = check_attention_mask(attention_mask, input_ids)
-    if not _tracing():
-        if (mask[:, 1:] > mask[:, :-1]).any():
-            raise ValueError(
-                f"attention_mask: {batches} must be right-padded (each row: ones, then zeros)"
-            )
-        if (mask[:, 0] == 0).any():
-            raise ValueError("attention_mask: a row has no real token")
-    return mask.sum(-1).to(torch.int32)
+
+    def check(c: ValueChecks) -> torch.Tensor:
+        mask = check_attention_mask(attention_mask, input_ids, c)
+        c.add(
+            [(mask[:, 1:] > mask[:, :-1]).any(), (mask[:, 0] == 0).any()],
+            _padding_test("right", batches),
+        )
+        return mask
+
+    return _checked(check, checks).sum(-1).to(torch.int32)
+
+
+def check_token_type_ids(
+    token_type_ids: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    type_vocab_size: int,
+    checks: ValueChecks | None = None,
+) -> torch.Tensor:
+    """Bert's segment ids [B, T] in [0, type_vocab_size) (None: all 0)."""
+    if token_type_ids is None:
+        return torch.zeros_like(input_ids)
+    if not isinstance(token_type_ids, torch.Tensor):
+        raise TypeError(
+            f"token_type_ids: expected a torch.Tensor, got {type(token_type_ids).__name__}"
+        )
+    if token_type_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_type_ids: expected int64 or int32, got {token_type_ids.dtype}")
+    if token_type_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"token_type_ids: shape {tuple(token_type_ids.shape)} != input_ids {tuple(input_ids.shape)}"
+        )
+    if token_type_ids.device != input_ids.device:
+        raise ValueError(
+            f"token_type_ids: on {token_type_ids.device}, input_ids on {input_ids.device}"
+        )
+    _checked(
+        lambda c: c.add(
+            list(torch.aminmax(token_type_ids)),
+            _in_range(
+                type_vocab_size,
+                lambda bad: f"token_type_ids: {bad} is outside [0, {type_vocab_size})",
+            ),
+        ),
+        checks,
+    )
+    return token_type_ids
 
 
 @dataclass
@@ -128,11 +252,14 @@ def read_prompt(
     device: torch.device,
 ) -> Prompt:
     """input_ids [B, T] and their mask, checked, as a Prompt padded on `side`."""
-    check_input_ids(input_ids, vocab_size, device)
+    checks = ValueChecks()
+    check_input_ids(input_ids, vocab_size, device, checks=checks)
     if side == "left":
-        positions, kv_start = left_padding(attention_mask, input_ids)
+        positions, kv_start = left_padding(attention_mask, input_ids, checks)
+        checks.run()
         return Prompt(input_ids, positions=positions, kv_start=kv_start)
-    lengths = right_padding_lengths(attention_mask, input_ids, "encoder batches")
+    lengths = right_padding_lengths(attention_mask, input_ids, "encoder batches", checks)
+    checks.run()
     if lengths is None:
         batch, seq = input_ids.shape
         lengths = torch.full((batch,), seq, dtype=torch.int32, device=input_ids.device)

@@ -22,7 +22,7 @@ from kernels.attention import attention
 from kernels.embedding import embedding
 from zoo import graphs
 from zoo.generation import check_input_ids, right_padding_lengths
-from zoo.generation.inputs import check_cuda_graph
+from zoo.generation.inputs import ValueChecks, check_cuda_graph, check_token_type_ids
 from zoo.layers import LayerNorm, Linear, init_random_
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
@@ -193,14 +193,16 @@ class Bert(nn.Module):
         graph of its shape bucket (bitwise the eager result) unless cuda_graph=False.
         """
         c = self.config
-        check_input_ids(input_ids, c.vocab_size, self.device)
+        checks = ValueChecks()  # the value checks below, read back with one sync
+        check_input_ids(input_ids, c.vocab_size, self.device, checks=checks)
         batch, seq = input_ids.shape
         if seq > c.max_position_embeddings:
             raise ValueError(
                 f"input_ids: {seq} tokens exceed max_position_embeddings {c.max_position_embeddings}"
             )
-        kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches")
-        token_type_ids = _check_token_types(token_type_ids, input_ids, c.type_vocab_size)
+        kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches", checks)
+        token_type_ids = check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
+        checks.run()
         check_cuda_graph(cuda_graph, self.device)
         if graphs.use_graphs(self, cuda_graph):
             hidden, pooled = graphs.bert_forward(self, input_ids, token_type_ids, kv_end)
@@ -221,31 +223,3 @@ class Bert(nn.Module):
         if self.pooler is not None:
             pooled = self.pooler(h[:, 0], activation="tanh")  # (B, hidden), from [CLS]
         return BertOutput(last_hidden_state=h, pooler_output=pooled)
-
-
-def _check_token_types(
-    token_type_ids: torch.Tensor | None, input_ids: torch.Tensor, type_vocab_size: int
-) -> torch.Tensor:
-    if token_type_ids is None:
-        return torch.zeros_like(input_ids)
-    if not isinstance(token_type_ids, torch.Tensor):
-        raise TypeError(
-            f"token_type_ids: expected a torch.Tensor, got {type(token_type_ids).__name__}"
-        )
-    if token_type_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"token_type_ids: expected int64 or int32, got {token_type_ids.dtype}")
-    if token_type_ids.shape != input_ids.shape:
-        raise ValueError(
-            f"token_type_ids: shape {tuple(token_type_ids.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
-    if token_type_ids.device != input_ids.device:
-        raise ValueError(
-            f"token_type_ids: on {token_type_ids.device}, input_ids on {input_ids.device}"
-        )
-    if torch.compiler.is_compiling():  # a traced graph cannot branch on the ids' values
-        return token_type_ids
-    low, high = token_type_ids.min().item(), token_type_ids.max().item()
-    if low < 0 or high >= type_vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"token_type_ids: {bad} is outside [0, {type_vocab_size})")
-    return token_type_ids

@@ -37,7 +37,7 @@ from zoo.generation import (
     require_tokenizer,
     resolve_config,
 )
-from zoo.generation.inputs import PaddingSide, Prompt, check_cuda_graph
+from zoo.generation.inputs import PaddingSide, Prompt, ValueChecks, check_cuda_graph
 
 # model.chat's default reply length (less where the context ends sooner).
 CHAT_MAX_NEW_TOKENS = 512
@@ -223,8 +223,10 @@ class DecoderOnlyLM(GenerativeLM):
         """Logits [B, T, vocab] of a (left-padded) batch of token ids [B, T]. On CUDA the call
         replays a CUDA graph of its shape bucket (bitwise the eager result) unless
         cuda_graph=False (or model.cuda_graph = False)."""
-        check_input_ids(input_ids, self.config.vocab_size, self.device)
-        positions, kv_start = left_padding(attention_mask, input_ids)
+        checks = ValueChecks()  # the value checks below, read back with one sync
+        check_input_ids(input_ids, self.config.vocab_size, self.device, checks=checks)
+        positions, kv_start = left_padding(attention_mask, input_ids, checks)
+        checks.run()
         batch, seq = input_ids.shape
         if seq > self.max_length:
             raise ValueError(

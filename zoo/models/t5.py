@@ -31,7 +31,7 @@ from kernels.rope import rope_cache_write
 from zoo import graphs
 from zoo.cache import KVCache
 from zoo.generation import GenerationConfig, check_input_ids, right_padding_lengths
-from zoo.generation.inputs import Prompt, check_cuda_graph
+from zoo.generation.inputs import Prompt, ValueChecks, check_cuda_graph
 from zoo.layers import Linear, RMSNorm, init_random_
 from zoo.models.contract import GenerativeLM, Prefill
 
@@ -476,9 +476,14 @@ class T5(GenerativeLM):
                 "decoder_input_ids is required (it starts with decoder_start_token_id); "
                 "use generate() to produce decoder ids"
             )
-        check_input_ids(input_ids, self.config.vocab_size, self.device)
+        checks = ValueChecks()  # the value checks below, read back with one sync
+        check_input_ids(input_ids, self.config.vocab_size, self.device, checks=checks)
         check_input_ids(
-            decoder_input_ids, self.config.vocab_size, self.device, name="decoder_input_ids"
+            decoder_input_ids,
+            self.config.vocab_size,
+            self.device,
+            name="decoder_input_ids",
+            checks=checks,
         )
         if decoder_input_ids.shape[0] != input_ids.shape[0]:
             raise ValueError(
@@ -486,7 +491,8 @@ class T5(GenerativeLM):
                 f"{input_ids.shape[0]}"
             )
         batch, seq = input_ids.shape
-        lengths = right_padding_lengths(attention_mask, input_ids, "T5 encoder batches")
+        lengths = right_padding_lengths(attention_mask, input_ids, "T5 encoder batches", checks)
+        checks.run()
         if lengths is None:
             lengths = torch.full((batch,), seq, dtype=torch.int32, device=input_ids.device)
         check_cuda_graph(cuda_graph, self.device)
