@@ -149,12 +149,12 @@ def test_padded_length_examples(batch, seq, limit, expected):
 
 
 def test_cpu_models_run_eagerly(saved):
-    bert = load(saved, "bert")
+    bert = zoo.load(saved("bert"), device="cpu")
     assert not graphs.use_graphs(bert, None) and not graphs.use_graphs(bert, True)
     ids = torch.randint(0, 97, (1, 5))
     with pytest.raises(ValueError, match="cuda_graph=True: .* this one is on cpu"):
         bert(ids, cuda_graph=True)
-    gpt2 = load(saved, "gpt2")
+    gpt2 = zoo.load(saved("gpt2"), device="cpu")
     with pytest.raises(ValueError, match="cuda_graph=True: .* this one is on cpu"):
         gpt2(ids, cuda_graph=True)
 
@@ -171,8 +171,7 @@ def test_bert_padded_call_equals_unpadded(saved, lengths, seq):
     types = torch.randint(0, 3, ids.shape, device=DEVICE)
     batch, seq = ids.shape
     expected = model(ids, attention_mask=mask, token_type_ids=types, cuda_graph=False)
-    kv_end = mask.sum(-1).to(torch.int32)
-    hidden, pooled = graphs.bert_forward(model, ids, types, kv_end)
+    hidden, pooled = graphs.bert_forward(model, ids, mask, types)
     assert torch.equal(hidden, expected.last_hidden_state)
     assert torch.equal(pooled, expected.pooler_output)
 
@@ -183,18 +182,20 @@ def test_bert_padded_call_equals_unpadded(saved, lengths, seq):
     static = pool.static_inputs(("bert", batch, length))
     assert static["input_ids"].shape == static["token_type_ids"].shape == (batch, length)
     assert torch.equal(static["input_ids"][:, :seq], ids)
-    assert torch.equal(static["kv_end"], kv_end)  # the pads (and the mask's zeros) stay unseen
+    # the pads (and the mask's zeros) stay unseen: the mask's padded columns are zeros
+    assert torch.equal(static["attention_mask"][:, :seq], mask)
+    assert not static["attention_mask"][:, seq:].any()
 
 
 def test_bert_padded_call_without_mask(saved):
     model = load(saved, "bert", padded_eagerly=True)
     ids = torch.randint(0, 97, (2, 11), device=DEVICE)
     expected = model(ids, cuda_graph=False)
-    hidden, pooled = graphs.bert_forward(model, ids, torch.zeros_like(ids), None)
+    hidden, pooled = graphs.bert_forward(model, ids, None, torch.zeros_like(ids))
     assert torch.equal(hidden, expected.last_hidden_state)
     assert torch.equal(pooled, expected.pooler_output)
     static = graphs.graph_pool(model).static_inputs(("bert", 2, 16))
-    assert static["kv_end"].tolist() == [11, 11]  # full rows end at the real length
+    assert static["attention_mask"].sum(-1).tolist() == [11, 11]  # full rows end at the real length
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -273,7 +274,7 @@ def test_t5_padded_encoder_pass_equals_unpadded(saved):
 def test_pool_is_dropped_when_the_weights_move(saved):
     model = load(saved, "bert", padded_eagerly=True)
     ids = torch.randint(0, 97, (1, 5), device=DEVICE)
-    graphs.bert_forward(model, ids, torch.zeros_like(ids), None)
+    graphs.bert_forward(model, ids, None, torch.zeros_like(ids))
     assert len(graphs.graph_pool(model).keys()) == 1
     model.to(torch.float16)  # the graphs would read the old weights
     assert graphs.graph_pool(model).keys() == []
@@ -465,3 +466,32 @@ def test_t5_replay_equals_eager(saved, dtype):
         for _ in range(2):
             logits = model(ids, decoder_input_ids=dec, attention_mask=mask)
             assert torch.equal(logits, expected), f"t5 {enc_lengths} {dec_seq}"
+
+
+def test_bert_graphed_call_checks_values_inside_the_bucket(saved):
+    """A graphed Bert call checks the values inside its graph (no sync before the work) and
+    raises the eager call's error after it; a shorter call after a longer one in the same bucket
+    does not see the longer call's mask."""
+    model = load(saved, "bert", padded_eagerly=True)
+    ids, mask = right_padded(97, [7, 4])
+    types = torch.zeros_like(ids)
+    graphs.bert_forward(model, ids, mask, types)
+    bad_cases = [
+        (ids.masked_fill(ids == ids[0, 0], 97), mask, types, "input_ids: token id 97 is outside"),
+        (ids, mask.flip(-1), types, "attention_mask: Bert batches must be right-padded"),
+        (ids, mask * 2, types, "attention_mask: values must be 0 or 1"),
+        (ids, mask, types + 3, r"token_type_ids: 3 is outside \[0, 3\)"),
+        (ids, torch.zeros_like(mask), types, "attention_mask: a row has no real token"),
+    ]
+    for bad_ids, bad_mask, bad_types, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            graphs.bert_forward(model, bad_ids, bad_mask, bad_types)
+        with pytest.raises(ValueError, match=match):  # the same error as the eager call
+            model(bad_ids, attention_mask=bad_mask, token_type_ids=bad_types, cuda_graph=False)
+    shorter, shorter_mask = right_padded(97, [5, 3])
+    expected = model(shorter, attention_mask=shorter_mask, cuda_graph=False)
+    hidden, pooled = graphs.bert_forward(model, shorter, None, torch.zeros_like(shorter))
+    full = model(shorter, cuda_graph=False)
+    assert torch.equal(hidden, full.last_hidden_state) and torch.equal(pooled, full.pooler_output)
+    hidden, _ = graphs.bert_forward(model, shorter, shorter_mask, torch.zeros_like(shorter))
+    assert torch.equal(hidden, expected.last_hidden_state)

@@ -39,6 +39,12 @@ from torch import nn
 
 from kernels.attention import _bucket as attention_bucket
 from kernels.utils import next_pow2
+from zoo.generation.inputs import (
+    ValueChecks,
+    check_input_ids,
+    check_token_type_ids,
+    right_padding_lengths,
+)
 
 DEFAULT_MAX_GRAPHS = 32
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -62,11 +68,12 @@ def padded_length(batch: int, seq: int, limit: int | None = None) -> int:
 def use_graphs(model: nn.Module, cuda_graph: bool | None) -> bool:
     """Whether this call replays a graph: on CUDA unless cuda_graph=False (or None and
     model.cuda_graph is False), and never inside a capture or a torch.compile trace."""
-    if cuda_graph is False or model.device.type != "cuda":
+    # a torch.compile trace first: it cannot trace the capture query
+    if torch.compiler.is_compiling() or cuda_graph is False or model.device.type != "cuda":
         return False
     if cuda_graph is None and not model.cuda_graph:
         return False
-    return not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
+    return not torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -216,11 +223,17 @@ def _int_buffer(batch: int, length: int | None, device, dtype=torch.int64) -> to
 def bert_forward(
     model: nn.Module,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     token_type_ids: torch.Tensor,
-    kv_end: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bert.forward after its input checks (kv_end None: full rows): new tensors
-    (last_hidden_state [B, T, hidden], pooler_output [B, hidden] or None)."""
+    """Bert.forward after its structure checks (attention_mask None: full rows): new tensors
+    (last_hidden_state [B, T, hidden], pooler_output [B, hidden] or None).
+
+    The value checks (ids and type ids in range, mask of 0/1, right-padded, no empty row) run
+    inside the graph on the padded buffers and are read back once after the replay, so the call
+    has no host sync before its work; the kernels stay in bounds on any values (the embedding
+    masks ids outside its table, kv_end is clamped to the row), and a failed check raises the
+    eager call's error instead of returning the outputs."""
     batch, seq = input_ids.shape
     length = padded_length(batch, seq, model.config.max_position_embeddings)
     device = input_ids.device
@@ -229,23 +242,35 @@ def bert_forward(
         return {
             "input_ids": _int_buffer(batch, length, device),
             "token_type_ids": _int_buffer(batch, length, device),
-            "kv_end": _int_buffer(batch, None, device, torch.int32),
+            "attention_mask": _int_buffer(batch, length, device),
         }
 
     def fill(static):
         static["input_ids"][:, :seq].copy_(input_ids)
         static["token_type_ids"][:, :seq].copy_(token_type_ids)
-        if kv_end is None:
-            static["kv_end"].fill_(seq)
+        mask = static["attention_mask"]
+        if attention_mask is None:
+            mask[:, :seq].fill_(1)
         else:
-            static["kv_end"].copy_(kv_end)
+            mask[:, :seq].copy_(attention_mask)
+        if seq < length:  # an earlier, longer call of this bucket left ones there
+            mask[:, seq:].zero_()
 
     def compute(static):
-        out = model.encode(static["input_ids"], static["token_type_ids"], static["kv_end"])
-        return out.last_hidden_state, out.pooler_output
+        ids, types, mask = static["input_ids"], static["token_type_ids"], static["attention_mask"]
+        config = model.config
+        checks = ValueChecks()
+        check_input_ids(ids, config.vocab_size, device, checks=checks)
+        kv_end = right_padding_lengths(mask, ids, "Bert batches", checks).clamp_(max=length)
+        check_token_type_ids(types, ids, config.type_vocab_size, checks)
+        out = model.encode(ids, types, kv_end)
+        return out.last_hidden_state, out.pooler_output, checks.gather()
 
-    hidden, pooled = graph_pool(model).run(("bert", batch, length), allocate, fill, compute)
-    return hidden[:, :seq].clone(), None if pooled is None else pooled.clone()
+    key = ("bert", batch, length)
+    hidden, pooled, checks = graph_pool(model).run(key, allocate, fill, compute)
+    hidden, pooled = hidden[:, :seq].clone(), None if pooled is None else pooled.clone()
+    checks.run()
+    return hidden, pooled
 
 
 def decoder_forward(

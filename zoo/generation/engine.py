@@ -25,7 +25,6 @@ import torch
 from zoo.generation.config import GenerationConfig
 from zoo.generation.inputs import Prompt, check_cuda_graph, read_prompt
 from zoo.generation.logits import choice_key, choose_tokens
-from zoo.graphs import graph_pool
 
 if TYPE_CHECKING:
     from zoo.generation.text import TextStream
@@ -203,6 +202,8 @@ class GenerationEngine:
         with self.lock:
             self.end_open_stream()
             self._runner = self._runner_key = None
+            from zoo.graphs import graph_pool  # zoo.graphs imports this package's input checks
+
             graph_pool(self.model).clear()
 
     # ------------------------------------------------------------------ open stream

@@ -22,29 +22,51 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+Test = Callable[[list[int]], str | None]  # values read back -> error message, or None
+
+
 class ValueChecks:
     """The value checks of one call, read back together: each adds a few device scalars and a
     test of their values that returns an error message (or None); run() copies every scalar to
     the host at once (one sync, where a check on its own would sync each time) and raises the
-    first failure, in the order the checks were added."""
+    first failure, in the order the checks were added. enabled=False: structure checks only (a
+    CUDA graph computes the values itself, zoo.graphs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._values: list[torch.Tensor] = []
-        self._tests: list[tuple[int, Callable[[list[int]], str | None]]] = []
+        self._tests: list[tuple[int, Test]] = []
 
-    def add(self, values: list[torch.Tensor], test: Callable[[list[int]], str | None]) -> None:
-        if _tracing():
+    def add(self, values: list[torch.Tensor], test: Test) -> None:
+        if not self.enabled or _tracing():
             return
         self._tests.append((len(values), test))
         self._values.extend(v.reshape(1).to(torch.int64) for v in values)
 
+    def gather(self) -> GatheredChecks:
+        """The values so far in one device tensor (no sync: it may be captured in a CUDA graph)
+        with their tests; read back by GatheredChecks.run()."""
+        values = torch.cat(self._values) if self._values else None
+        gathered = GatheredChecks(values, self._tests)
+        self._values, self._tests = [], []
+        return gathered
+
     def run(self) -> None:
-        if not self._tests:
+        self.gather().run()
+
+
+@dataclass
+class GatheredChecks:
+    values: torch.Tensor | None  # int64 [n]
+    tests: list[tuple[int, Test]]
+
+    def run(self) -> None:
+        """Read the values back (one sync) and raise the first failed test's message."""
+        if self.values is None:
             return
-        values = torch.cat(self._values).tolist()
-        self._values, tests, self._tests = [], self._tests, []
+        values = self.values.tolist()
         start = 0
-        for count, test in tests:
+        for count, test in self.tests:
             message = test(values[start : start + count])
             if message is not None:
                 raise ValueError(message)

@@ -22,7 +22,12 @@ from kernels.attention import attention
 from kernels.embedding import embedding
 from zoo import graphs
 from zoo.generation import check_input_ids, right_padding_lengths
-from zoo.generation.inputs import ValueChecks, check_cuda_graph, check_token_type_ids
+from zoo.generation.inputs import (
+    ValueChecks,
+    check_attention_mask,
+    check_cuda_graph,
+    check_token_type_ids,
+)
 from zoo.layers import LayerNorm, Linear, init_random_
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
@@ -193,20 +198,25 @@ class Bert(nn.Module):
         graph of its shape bucket (bitwise the eager result) unless cuda_graph=False.
         """
         c = self.config
-        checks = ValueChecks()  # the value checks below, read back with one sync
+        check_cuda_graph(cuda_graph, self.device)
+        graphed = graphs.use_graphs(self, cuda_graph)
+        # eagerly the value checks are read back with one sync before any kernel runs; a graphed
+        # call computes them inside its graph and reads them back after it (zoo.graphs)
+        checks = ValueChecks(enabled=not graphed)
         check_input_ids(input_ids, c.vocab_size, self.device, checks=checks)
         batch, seq = input_ids.shape
         if seq > c.max_position_embeddings:
             raise ValueError(
                 f"input_ids: {seq} tokens exceed max_position_embeddings {c.max_position_embeddings}"
             )
-        kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches", checks)
         token_type_ids = check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
-        checks.run()
-        check_cuda_graph(cuda_graph, self.device)
-        if graphs.use_graphs(self, cuda_graph):
-            hidden, pooled = graphs.bert_forward(self, input_ids, token_type_ids, kv_end)
+        if graphed:
+            if attention_mask is not None:
+                attention_mask = check_attention_mask(attention_mask, input_ids, checks)
+            hidden, pooled = graphs.bert_forward(self, input_ids, attention_mask, token_type_ids)
             return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+        kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches", checks)
+        checks.run()
         return self.encode(input_ids, token_type_ids, kv_end)
 
     def encode(

@@ -177,11 +177,11 @@ def _sliding_window_from_hf(hf: dict) -> dict:
                 "unsupported config.json key 'layer_types' for model_type 'mistral' (alternating "
                 "sliding / full attention); Mistral applies sliding_window to every layer"
             )
-        return {"sliding_window": read_int(hf, "sliding_window", None, min=1)}
+        return {"sliding_window": read_int(hf, "sliding_window", None)}
     if model_type not in ("qwen2", "qwen3"):
         return {}
     use_window = read_bool(hf, "use_sliding_window", False)
-    window = read_int(hf, "sliding_window", None, min=1) if use_window else None
+    window = read_int(hf, "sliding_window", None) if use_window else None
     layer_types = hf.get("layer_types")
     if layer_types is None:
         first_sliding = read_int(hf, "max_window_layers", 28, min=0)
