@@ -495,3 +495,12 @@ def test_bert_graphed_call_checks_values_inside_the_bucket(saved):
     assert torch.equal(hidden, full.last_hidden_state) and torch.equal(pooled, full.pooler_output)
     hidden, _ = graphs.bert_forward(model, shorter, shorter_mask, torch.zeros_like(shorter))
     assert torch.equal(hidden, expected.last_hidden_state)
+    ones = torch.ones_like(shorter)
+    hidden, _ = graphs.bert_forward(model, shorter, None, ones)
+    assert torch.equal(
+        hidden, model(shorter, token_type_ids=ones, cuda_graph=False).last_hidden_state
+    )
+    hidden, _ = graphs.bert_forward(model, shorter, None, None)  # the type ids are 0 again
+    assert torch.equal(hidden, full.last_hidden_state)
+    hidden, _ = graphs.bert_forward(model, shorter, None, None)  # and the buffers left as they are
+    assert torch.equal(hidden, full.last_hidden_state)

@@ -224,9 +224,10 @@ def bert_forward(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    token_type_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bert.forward after its structure checks (attention_mask None: full rows): new tensors
+    """Bert.forward after its structure checks (attention_mask None: full rows; token_type_ids
+    None: all 0): new tensors
     (last_hidden_state [B, T, hidden], pooler_output [B, hidden] or None).
 
     The value checks (ids and type ids in range, mask of 0/1, right-padded, no empty row) run
@@ -243,11 +244,21 @@ def bert_forward(
             "input_ids": _int_buffer(batch, length, device),
             "token_type_ids": _int_buffer(batch, length, device),
             "attention_mask": _int_buffer(batch, length, device),
+            # what the buffers hold when a call left them as defaults (no writes needed again)
+            "types_are_zero": True,
+            "mask_is_full_to": None,
         }
 
     def fill(static):
         static["input_ids"][:, :seq].copy_(input_ids)
-        static["token_type_ids"][:, :seq].copy_(token_type_ids)
+        if token_type_ids is not None:
+            static["token_type_ids"][:, :seq].copy_(token_type_ids)
+            static["types_are_zero"] = False
+        elif not static["types_are_zero"]:
+            static["token_type_ids"].zero_()
+            static["types_are_zero"] = True
+        if attention_mask is None and static["mask_is_full_to"] == seq:
+            return
         mask = static["attention_mask"]
         if attention_mask is None:
             mask[:, :seq].fill_(1)
@@ -255,6 +266,7 @@ def bert_forward(
             mask[:, :seq].copy_(attention_mask)
         if seq < length:  # an earlier, longer call of this bucket left ones there
             mask[:, seq:].zero_()
+        static["mask_is_full_to"] = seq if attention_mask is None else None
 
     def compute(static):
         ids, types, mask = static["input_ids"], static["token_type_ids"], static["attention_mask"]

@@ -37,9 +37,11 @@ class ValueChecks:
         self._values: list[torch.Tensor] = []
         self._tests: list[tuple[int, Test]] = []
 
-    def add(self, values: list[torch.Tensor], test: Test) -> None:
+    def add(self, make_values: Callable[[], list[torch.Tensor]], test: Test) -> None:
+        """make_values() computes the device scalars (only when the checks are on)."""
         if not self.enabled or _tracing():
             return
+        values = make_values()
         self._tests.append((len(values), test))
         self._values.extend(v.reshape(1).to(torch.int64) for v in values)
 
@@ -115,7 +117,7 @@ def check_input_ids(
         raise ValueError(f"{name}: on {input_ids.device}, but the model is on {device}")
     _checked(
         lambda c: c.add(
-            list(torch.aminmax(input_ids)),
+            lambda: list(torch.aminmax(input_ids)),
             _in_range(
                 vocab_size,
                 lambda bad: f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})",
@@ -150,7 +152,7 @@ def check_attention_mask(
     mask = attention_mask.to(torch.int64)
     _checked(
         lambda c: c.add(
-            [(mask.clamp(0, 1) != mask).any()],
+            lambda: [(mask.clamp(0, 1) != mask).any()],
             lambda bad: "attention_mask: values must be 0 or 1" if bad[0] else None,
         ),
         checks,
@@ -185,7 +187,7 @@ def left_padding(
     def check(c: ValueChecks) -> torch.Tensor:
         mask = check_attention_mask(attention_mask, input_ids, c)
         c.add(
-            [(mask[:, 1:] < mask[:, :-1]).any(), (mask[:, -1] == 0).any()],
+            lambda: [(mask[:, 1:] < mask[:, :-1]).any(), (mask[:, -1] == 0).any()],
             _padding_test("left", "decoder-only batches"),
         )
         return mask
@@ -211,7 +213,7 @@ def right_padding_lengths(
     def check(c: ValueChecks) -> torch.Tensor:
         mask = check_attention_mask(attention_mask, input_ids, c)
         c.add(
-            [(mask[:, 1:] > mask[:, :-1]).any(), (mask[:, 0] == 0).any()],
+            lambda: [(mask[:, 1:] > mask[:, :-1]).any(), (mask[:, 0] == 0).any()],
             _padding_test("right", batches),
         )
         return mask
@@ -244,7 +246,7 @@ def check_token_type_ids(
         )
     _checked(
         lambda c: c.add(
-            list(torch.aminmax(token_type_ids)),
+            lambda: list(torch.aminmax(token_type_ids)),
             _in_range(
                 type_vocab_size,
                 lambda bad: f"token_type_ids: {bad} is outside [0, {type_vocab_size})",

@@ -209,12 +209,14 @@ class Bert(nn.Module):
             raise ValueError(
                 f"input_ids: {seq} tokens exceed max_position_embeddings {c.max_position_embeddings}"
             )
-        token_type_ids = check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
         if graphed:
+            if token_type_ids is not None:
+                check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
             if attention_mask is not None:
                 attention_mask = check_attention_mask(attention_mask, input_ids, checks)
             hidden, pooled = graphs.bert_forward(self, input_ids, attention_mask, token_type_ids)
             return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+        token_type_ids = check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
         kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches", checks)
         checks.run()
         return self.encode(input_ids, token_type_ids, kv_end)
