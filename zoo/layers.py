@@ -224,3 +224,13 @@ def init_random_(model: nn.Module, std: float, generator: torch.Generator | None
                 param.zero_()
             else:
                 param.fill_(1.0)
+
+
+def output_rows(
+    h: torch.Tensor, last_only: bool, last_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The hidden states [B, T, H] a forward computes logits of: all, the last position ([B, 1,
+    H], last_only), or each row's position last_index[b] (int64 [B]: a right-padded prompt)."""
+    if last_index is not None:
+        return h.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, h.shape[2]))
+    return h[:, -1:] if last_only else h

@@ -133,22 +133,13 @@ def check_attention_mask(
     """The mask as int64 0/1 [B, T], after rejecting what would silently mean something else: not
     a tensor, a floating-point mask (an additive -inf mask, or 0.5 that a cast turns into 0),
     another shape or device than input_ids, values other than 0 and 1."""
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(
-            f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
-        )
-    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-        raise ValueError(
-            f"attention_mask: expected an integer or bool tensor of 0 and 1, got {attention_mask.dtype}"
-        )
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
-    if attention_mask.device != input_ids.device:
-        raise ValueError(
-            f"attention_mask: on {attention_mask.device}, input_ids on {input_ids.device}"
-        )
+    _check_beside_ids(
+        "attention_mask",
+        attention_mask,
+        input_ids,
+        lambda dtype: not (dtype.is_floating_point or dtype.is_complex),
+        "an integer or bool tensor of 0 and 1",
+    )
     mask = attention_mask.to(torch.int64)
     _checked(
         lambda c: c.add(
@@ -158,6 +149,27 @@ def check_attention_mask(
         checks,
     )
     return mask
+
+
+def _check_beside_ids(
+    name: str,
+    tensor,
+    input_ids: torch.Tensor,
+    accepts: Callable[[torch.dtype], bool],
+    expected_dtype: str,
+) -> None:
+    """A per-token tensor given with input_ids: a tensor of a dtype `accepts` takes, of
+    input_ids' shape and device."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not accepts(tensor.dtype):
+        raise ValueError(f"{name}: expected {expected_dtype}, got {tensor.dtype}")
+    if tensor.shape != input_ids.shape:
+        raise ValueError(
+            f"{name}: shape {tuple(tensor.shape)} != input_ids {tuple(input_ids.shape)}"
+        )
+    if tensor.device != input_ids.device:
+        raise ValueError(f"{name}: on {tensor.device}, input_ids on {input_ids.device}")
 
 
 def _padding_test(side: str, batches: str) -> Callable[[list[int]], str | None]:
@@ -230,20 +242,13 @@ def check_token_type_ids(
     """Bert's segment ids [B, T] in [0, type_vocab_size) (None: all 0)."""
     if token_type_ids is None:
         return torch.zeros_like(input_ids)
-    if not isinstance(token_type_ids, torch.Tensor):
-        raise TypeError(
-            f"token_type_ids: expected a torch.Tensor, got {type(token_type_ids).__name__}"
-        )
-    if token_type_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"token_type_ids: expected int64 or int32, got {token_type_ids.dtype}")
-    if token_type_ids.shape != input_ids.shape:
-        raise ValueError(
-            f"token_type_ids: shape {tuple(token_type_ids.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
-    if token_type_ids.device != input_ids.device:
-        raise ValueError(
-            f"token_type_ids: on {token_type_ids.device}, input_ids on {input_ids.device}"
-        )
+    _check_beside_ids(
+        "token_type_ids",
+        token_type_ids,
+        input_ids,
+        lambda dtype: dtype in (torch.int64, torch.int32),
+        "int64 or int32",
+    )
     _checked(
         lambda c: c.add(
             lambda: list(torch.aminmax(token_type_ids)),

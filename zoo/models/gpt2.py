@@ -24,7 +24,7 @@ from convert.config import (
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
-from zoo.layers import AttentionInputs, LayerNorm, Linear, SelfAttention, init_random_
+from zoo.layers import AttentionInputs, LayerNorm, Linear, SelfAttention, init_random_, output_rows
 from zoo.models.contract import DecoderOnlyLM
 
 # HF GPT-2 activation names -> our matmul epilogues
@@ -149,8 +149,5 @@ class GPT2(DecoderOnlyLM):
         for i, block in enumerate(self.blocks):
             h = block(h, cache.k[i], cache.v[i], inputs)  # (B, T, n_embd)
         cache.lengths.add_(seq)
-        if last_index is not None:
-            h = h.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, h.shape[2]))  # (B, 1, hidden)
-        elif last_only:
-            h = h[:, -1:]
+        h = output_rows(h, last_only, last_index)
         return matmul(self.ln_f(h), self.wte.weight)  # tied head

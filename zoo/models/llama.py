@@ -38,6 +38,7 @@ from zoo.layers import (
     RMSNorm,
     SelfAttention,
     init_random_,
+    output_rows,
     rope_inv_freq,
 )
 from zoo.models.contract import DecoderOnlyLM
@@ -310,9 +311,6 @@ class Llama(DecoderOnlyLM):
         for i, layer in enumerate(self.layers):
             h = layer(h, cache.k[i], cache.v[i], inputs)  # (B, T, hidden)
         cache.lengths.add_(seq)
-        if last_index is not None:
-            h = h.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, h.shape[2]))  # (B, 1, hidden)
-        elif last_only:
-            h = h[:, -1:]
+        h = output_rows(h, last_only, last_index)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)

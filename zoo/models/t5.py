@@ -32,7 +32,7 @@ from zoo import graphs
 from zoo.cache import KVCache
 from zoo.generation import GenerationConfig, check_input_ids, right_padding_lengths
 from zoo.generation.inputs import Prompt, ValueChecks, check_cuda_graph
-from zoo.layers import Linear, RMSNorm, init_random_
+from zoo.layers import Linear, RMSNorm, init_random_, output_rows
 from zoo.models.contract import GenerativeLM, Prefill
 
 # feed_forward_proj -> our matmul activation; "gated-gelu" is gelu_new (tanh), as HF's T5Config
@@ -452,8 +452,7 @@ class T5(GenerativeLM):
                 h, bias, kv_end, cache.k[i], cache.v[i], cache.lengths, cross.kv[i], cross.lengths
             )  # (B, T, d_model)
         cache.lengths.add_(seq)
-        if last_only:
-            h = h[:, -1:]
+        h = output_rows(h, last_only)
         head = self.shared.weight if self.lm_head is None else self.lm_head.weight
         # HF scales the decoder output before the head; here the scale is the matmul's alpha
         scale = self.config.d_model**-0.5 if self.config.scale_decoder_outputs else 1.0
