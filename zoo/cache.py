@@ -24,20 +24,22 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        # zeros, not empty: unwritten slots are masked out, but must never hold NaN bit patterns
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        # zeros, not empty: unwritten slots are masked out, but must never hold NaN bit patterns.
+        # One tensor per layer, not views of one: under torch.compile with dynamic shapes, a
+        # custom op's writes into views of a buffer made inside the graph are lost (torch 2.13)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int32, device=device)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reset(self, kv_start: torch.Tensor | None = None) -> None:
         """Empty the cache in place (same buffers, so captured graphs stay valid)."""

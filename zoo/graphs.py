@@ -348,7 +348,7 @@ def bucketed_prefill(
     length = padded_length(batch, seq, cache.max_length)
     device = input_ids.device
     # the graph writes into this cache: its buffers are part of the key
-    key = ("prefill", batch, length, *_addresses(cache.k, cache.v, cache.lengths, cache.kv_start))
+    key = ("prefill", batch, length, *_addresses(*cache.k, *cache.v, cache.lengths, cache.kv_start))
 
     def allocate():
         return {

@@ -150,8 +150,9 @@ class DecodeRunner:
 
 
 def tensor_bytes(obj) -> int:
-    """Bytes of the tensors among obj's attributes (a cache)."""
-    return sum(v.numel() * v.element_size() for v in vars(obj).values() if torch.is_tensor(v))
+    """Bytes of the tensors among obj's attributes and in its lists (a cache)."""
+    values = [t for v in vars(obj).values() for t in (v if isinstance(v, list) else [v])]
+    return sum(t.numel() * t.element_size() for t in values if torch.is_tensor(t))
 
 
 def memory_budget(device: torch.device) -> int:
