@@ -56,8 +56,8 @@ _ACTIVATIONS = {
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _M_BUCKET_CAP = 16384  # M above this shares one autotune entry per (N, K)
 # With PDL, skinny-M programs pull their first weight columns into L2 while the previous kernel
-# finishes, when the whole weight is small enough to stay there (Bert-base 1x128: 446 -> 434 us on
-# an H200; Llama-3-8B's 33-235 MB decode weights got slower: 4.27 -> 4.73 ms/step).
+# finishes, when the whole weight is small enough to stay there (it paid for Bert-base's weights
+# and cost time for Llama-3-8B's 33-235 MB decode weights, which do not stay in L2).
 _PREFETCH_COLUMNS = 1024
 _PREFETCH_MAX_WEIGHT_BYTES = 16 * 2**20
 
@@ -538,9 +538,9 @@ def _pick_split_k(m_bucket: int, n: int, k: int, device: torch.device) -> int:
     call padded within its bucket (a CUDA graph's) gives each row the bits of the unpadded call.
 
     Tuned on an H200 in bf16 (Llama-3-8B projections at M = 1..64, Bert-base at M = 16..512):
-    a split pays while each slice keeps >= 768 of K (Bert's K = 3072 down projection at M = 128:
-    10.1 us unsplit, 7.6 us in 4 slices); beyond that the fp32 partials cost more than the extra
-    programs bring. Above M = 256 the output tiles alone fill the GPU.
+    a split pays while each slice keeps >= 768 of K (e.g. Bert's K = 3072 down projection at
+    M = 128 in 4 slices); beyond that the fp32 partials cost more than the extra programs bring.
+    Above M = 256 the output tiles alone fill the GPU.
     """
     if INTERPRET or device.type != "cuda" or m_bucket > 256:
         return 1

@@ -41,10 +41,9 @@ def max_shared_memory(device: torch.device) -> int:
 # previous kernel on the stream is still finishing, so launch latency and the first instructions
 # overlap its tail. Every kernel here waits for the previous grid (wait_for_previous_grid) before
 # it touches memory the previous kernel may use, so results are unchanged. It pays where kernels
-# last a few microseconds: on an H200, Bert-base 1x128 466 -> 434 us (with the matmul's weight
-# prefetch), GPT-2 decode 0.389 -> 0.358 ms/step, Llama-3-8B decode 4.48 -> 4.27 ms/step; at
-# 1024 tokens and more it cost 1-3% (Bert 8x128, 32x128), so only launches over at most
-# PDL_MAX_ROWS rows (tokens) use it. ZOO_PDL=0 turns it off.
+# last a few microseconds (small Bert shapes, decode steps); at 1024 tokens and more it cost time
+# (the README's H200 tables), so only launches over at most PDL_MAX_ROWS rows (tokens) use it.
+# ZOO_PDL=0 turns it off.
 PDL = os.environ.get("ZOO_PDL", "1") != "0"
 PDL_MAX_ROWS = 256
 

@@ -24,7 +24,7 @@ from kernels.matmul import matmul
 from kernels.norm import layer_norm, rms_norm
 
 # Max-norm relative error against float64, per dtype (the per-kernel files' tolerances). bf16 is
-# left out: the interpreter computes it wrongly (DESIGN.md); the GPU runs of the per-kernel files
+# left out: the interpreter computes it wrongly; the GPU runs of the per-kernel files
 # cover it.
 MATMUL_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 NORM_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}

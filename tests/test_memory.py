@@ -3,7 +3,7 @@
 A ~300 MB multi-shard fp32 Llama checkpoint (random weights, 4 shards of at most ~100 MB) is loaded
 in a fresh subprocess, and that process's peak RSS (getrusage ru_maxrss) is compared with its RSS
 just before the load. Memory-mapped file pages count toward RSS once read (until unmapped), so the
-numbers below include them, as the issue's bounds do:
+bounds below include them:
 - loading to the CPU peaks near the final model size plus one shard, in fp32 and when converting
   to fp16 (the conversion must not materialise the model in the checkpoint's dtype);
 - streaming the tensors one by one (what a GPU load does: each tensor goes to the device, nothing
