@@ -18,6 +18,12 @@ DTYPES = [
 ]
 
 
+# Max-norm relative error of a kernel against a float64 reference, per dtype: elementwise and
+# reduction kernels (matmul, norms, rotary), and attention (softmax in exp2, two reductions).
+KERNEL_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATTENTION_RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
     """Relative error in the max norm: max|a - e| / max|e|; reports both errors on failure."""
     a = actual.double()

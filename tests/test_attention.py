@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, assert_close
+from helpers import ATTENTION_RTOL, DEVICE, DTYPES, assert_close
 
 from kernels.attention import attention
 
-RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+RTOL = ATTENTION_RTOL
 
 
 def reference(q, k, v, *, causal, scale, kv_start=None, kv_end=None, bias=None, window=None):

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, assert_close
+from helpers import ATTENTION_RTOL, DEVICE, DTYPES, assert_close
 
 from kernels.attention import attention
 from kernels.decode import decode_attention
 
-RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+RTOL = ATTENTION_RTOL
 
 
 def reference(q, k, v, *, scale, kv_end, kv_start=None, bias=None, window=None):

@@ -10,7 +10,7 @@ failing example shrinks and replays exactly.
 """
 
 import torch
-from helpers import DEVICE, assert_close
+from helpers import ATTENTION_RTOL, DEVICE, KERNEL_RTOL, assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_attention import reference as attention_reference
@@ -23,12 +23,8 @@ from kernels.decode import decode_attention
 from kernels.matmul import matmul
 from kernels.norm import layer_norm, rms_norm
 
-# Max-norm relative error against float64, per dtype (the per-kernel files' tolerances). bf16 is
-# left out: the interpreter computes it wrongly; the GPU runs of the per-kernel files
-# cover it.
-MATMUL_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-NORM_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-ATTENTION_RTOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+# Max-norm relative error against float64: the per-kernel files' tolerances (helpers). bf16 is
+# left out: the interpreter computes it wrongly; the GPU runs of the per-kernel files cover it.
 DTYPES = st.sampled_from([torch.float32, torch.float16])
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -110,7 +106,7 @@ def test_matmul_properties(
     actual = matmul(x, weight, bias, **kwargs)
     assert actual.shape == (batch, seq, n) and actual.dtype == dtype
     expected = matmul_reference(x, weight, bias, **kwargs)
-    assert_close(actual, expected, MATMUL_RTOL[dtype], f"matmul {activation}")
+    assert_close(actual, expected, KERNEL_RTOL[dtype], f"matmul {activation}")
     assert_deterministic(actual, matmul(x, weight, bias, **kwargs), "matmul")
 
 
@@ -147,7 +143,7 @@ def test_norm_properties(dtype, is_rms, rows, n, has_residual, row_pad, eps, see
     else:
         expected = reference_layer_norm(summed, weight, bias, eps)
     assert out.shape == x.shape and out.dtype == dtype
-    assert_close(out, expected, NORM_RTOL[dtype], "rms_norm" if is_rms else "layer_norm")
+    assert_close(out, expected, KERNEL_RTOL[dtype], "rms_norm" if is_rms else "layer_norm")
     assert_deterministic(run(), run(), "norm")
 
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, DTYPES, assert_close
+from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close
 
 import kernels.matmul as mm
 from kernels.matmul import matmul
 
 # Max-norm relative error against float64; fp32 uses IEEE products (no tf32).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = KERNEL_RTOL
 
 
 def rand(*shape, dtype=torch.float32):

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, assert_close
+from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close
 
 from kernels.norm import layer_norm, rms_norm
 
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+RTOL = KERNEL_RTOL
 
 
 def reference_rms_norm(x, weight, eps):

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, assert_close
+from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close
 
 from kernels.rope import rope_cache_write
 from zoo.layers import rope_inv_freq
 
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+RTOL = KERNEL_RTOL
 
 
 def rotate_half(x):
