@@ -1,10 +1,8 @@
 """GPT-2 parity with HF transformers through save_pretrained -> zoo.load."""
 
-import copy
-
 import pytest
 import torch
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_bf16_logits_track_hf, assert_close
 from safetensors import safe_open
 
 import zoo
@@ -123,18 +121,5 @@ def test_meta_build_has_hf_parameter_count():
     DEVICE != "cuda", reason="bf16 is only right on the GPU (the interpreter gets it wrong)"
 )
 def test_bf16_logits_track_fp32_as_closely_as_hf_bf16(checkpoint, tmp_path):
-    """bf16 against the fp32 reference: our max-norm relative error is at most 1.5x HF bf16's."""
     hf_model, _ = checkpoint
-    hf_model.save_pretrained(tmp_path)
-    ours = zoo.load(tmp_path, device=DEVICE, dtype=torch.bfloat16)
-    hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
-    ids = torch.randint(0, 97, (2, 48), device=DEVICE)
-    with torch.no_grad():
-        reference = hf_model(ids).logits.double()
-        hf_err = (hf_bf16(ids).logits.double() - reference).abs().max() / reference.abs().max()
-    ours_logits = ours(ids).double()
-    ours_err = (ours_logits - reference).abs().max() / reference.abs().max()
-    agreement = (ours_logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    print(f"gpt2 bf16 relative error: ours {ours_err:.3e}, HF {hf_err:.3e}; top-1 {agreement:.3f}")
-    assert ours_err <= 1.5 * hf_err, f"ours {ours_err:.3e} vs HF bf16 {hf_err:.3e}"
-    assert agreement >= 0.95
+    assert_bf16_logits_track_hf(hf_model, 97, tmp_path, 48, "gpt2")
