@@ -506,3 +506,31 @@ def test_bert_graphed_call_checks_values_inside_the_bucket(saved):
     assert torch.equal(hidden, full.last_hidden_state)
     hidden, _ = graphs.bert_forward(model, shorter, None, None)  # and the buffers left as they are
     assert torch.equal(hidden, full.last_hidden_state)
+
+
+def test_calls_from_two_threads_share_a_bucket_one_after_the_other(saved):
+    """Calls of one bucket share its static buffers: the pool's lock keeps each call's copy-in,
+    run and copy-out together, so threads get their own results."""
+    import threading
+
+    model = load(saved, "bert", padded_eagerly=True)
+    inputs = [right_padded(97, [6, 4]), right_padded(97, [7, 2])]
+    expected = [model(ids, attention_mask=mask, cuda_graph=False) for ids, mask in inputs]
+    results, errors = {}, []
+
+    def work(index: int) -> None:
+        try:
+            ids, mask = inputs[index]
+            for _ in range(3):
+                results[index] = graphs.bert_forward(model, ids, mask, None)
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for index, want in enumerate(expected):
+        assert torch.equal(results[index][0], want.last_hidden_state)

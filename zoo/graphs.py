@@ -28,6 +28,7 @@ and calls made inside a CUDA graph capture of the caller's own or a torch.compil
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -87,10 +88,12 @@ class _Entry:
 class GraphPool:
     """The captured graphs of one model, least recently used first.
 
-    run(key, allocate, fill, compute): allocate() builds the bucket's static inputs (first call
-    of the key only), fill(inputs) copies a call's real inputs into them, compute(inputs) is the
-    forward on them; returns compute's outputs, from the graph's static buffers. With
-    capture=False (CPU tests of the padding) compute runs eagerly on the same buffers."""
+    run(key, allocate, fill, compute, extract): allocate() builds the bucket's static inputs
+    (first call of the key only), fill(inputs) copies a call's real inputs into them,
+    compute(inputs) is the forward on them; returns extract(compute's outputs), extract reading
+    the graph's static buffers (copies of the real part). With capture=False (CPU tests of the
+    padding) compute runs eagerly on the same buffers. Calls from several threads run one after
+    the other (`lock`, held from fill to extract: they share the static buffers)."""
 
     def __init__(
         self, max_graphs: int = DEFAULT_MAX_GRAPHS, max_bytes: int = DEFAULT_MAX_BYTES
@@ -103,6 +106,7 @@ class GraphPool:
         self._too_large: set[tuple] = set()  # buckets whose graph alone exceeds max_bytes
         self._handle = None  # the CUDA memory pool all graphs of this model capture into
         self.weights: tuple | None = None  # where the weights were when the graphs were captured
+        self.lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -132,33 +136,37 @@ class GraphPool:
         allocate: Callable[[], dict[str, Any]],
         fill: Callable[[dict[str, Any]], None],
         compute: Callable[[dict[str, Any]], Any],
+        extract: Callable[[Any], Any] = lambda outputs: outputs,
     ) -> Any:
-        with torch.inference_mode():
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                fill(entry.inputs)
-                if entry.graph is None:  # capture=False
-                    return compute(entry.inputs)
-                entry.graph.replay()
-                return entry.outputs
-            entry = self._allocate(allocate)
+        with self.lock, torch.inference_mode():
+            return extract(self._run(key, allocate, fill, compute))
+
+    def _run(self, key, allocate, fill, compute) -> Any:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
             fill(entry.inputs)
-            if not self.capture:
-                self._entries[key] = entry
+            if entry.graph is None:  # capture=False
                 return compute(entry.inputs)
-            if key in self._too_large:
-                return compute(entry.inputs)
-            self._capture(entry, compute)
-            if entry.nbytes > self.max_bytes or self.max_graphs < 1:
-                # over the bound on its own: this bucket runs eagerly from now on
-                self._too_large.add(key)
-                return compute(entry.inputs)
-            self._entries[key] = entry
-            while len(self._entries) > self.max_graphs or self.nbytes > self.max_bytes:
-                self._entries.popitem(last=False)  # the least recently used (never this one)
             entry.graph.replay()
             return entry.outputs
+        entry = self._allocate(allocate)
+        fill(entry.inputs)
+        if not self.capture:
+            self._entries[key] = entry
+            return compute(entry.inputs)
+        if key in self._too_large:
+            return compute(entry.inputs)
+        self._capture(entry, compute)
+        if entry.nbytes > self.max_bytes or self.max_graphs < 1:
+            # over the bound on its own: this bucket runs eagerly from now on
+            self._too_large.add(key)
+            return compute(entry.inputs)
+        self._entries[key] = entry
+        while len(self._entries) > self.max_graphs or self.nbytes > self.max_bytes:
+            self._entries.popitem(last=False)  # the least recently used (never this one)
+        entry.graph.replay()
+        return entry.outputs
 
     def _allocate(self, allocate: Callable[[], dict[str, Any]]) -> _Entry:
         cuda = self.device.type == "cuda"
@@ -278,11 +286,13 @@ def bert_forward(
         out = model.encode(ids, types, kv_end)
         return out.last_hidden_state, out.pooler_output, checks.gather()
 
-    key = ("bert", batch, length)
-    hidden, pooled, checks = graph_pool(model).run(key, allocate, fill, compute)
-    hidden, pooled = hidden[:, :seq].clone(), None if pooled is None else pooled.clone()
-    checks.run()
-    return hidden, pooled
+    def extract(outputs):
+        hidden, pooled, checks = outputs
+        hidden, pooled = hidden[:, :seq].clone(), None if pooled is None else pooled.clone()
+        checks.run()
+        return hidden, pooled
+
+    return graph_pool(model).run(("bert", batch, length), allocate, fill, compute, extract)
 
 
 def decoder_forward(
@@ -312,8 +322,10 @@ def decoder_forward(
         cache.reset(static["kv_start"])
         return model.forward_cached(static["input_ids"], static["positions"], cache)
 
-    logits = graph_pool(model).run(("decoder", batch, length), allocate, fill, compute)
-    return logits[:, :seq].clone()
+    key = ("decoder", batch, length)
+    return graph_pool(model).run(
+        key, allocate, fill, compute, lambda logits: logits[:, :seq].clone()
+    )
 
 
 def prefill(
@@ -373,7 +385,7 @@ def bucketed_prefill(
         cache.lengths.copy_(static["lengths"])
         return logits[:, 0]
 
-    return graph_pool(model).run(key, allocate, fill, compute).clone()
+    return graph_pool(model).run(key, allocate, fill, compute, torch.Tensor.clone)
 
 
 def t5_forward(
@@ -410,8 +422,9 @@ def t5_forward(
         return model.forward_cached(static["decoder_input_ids"], None, cache)
 
     key = ("t5", batch, length, dec_length)
-    logits = graph_pool(model).run(key, allocate, fill, compute)
-    return logits[:, :dec_seq].clone()
+    return graph_pool(model).run(
+        key, allocate, fill, compute, lambda logits: logits[:, :dec_seq].clone()
+    )
 
 
 def t5_encode_into(model: nn.Module, cache, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
