@@ -68,3 +68,15 @@ def assert_bf16_logits_track_hf(hf_model, vocab_size: int, path, seq: int, what:
     )
     assert ours_err <= 1.5 * hf_err, f"{what}: ours {ours_err:.3e} vs HF bf16 {hf_err:.3e}"
     assert agreement >= 0.95, f"{what}: top-1 agreement {agreement:.3f}"
+
+
+def spread_weights_(model: torch.nn.Module, is_norm_weight) -> torch.nn.Module:
+    """Weights and biases far from HF's init, so every term of the forward matters: norm weights
+    (is_norm_weight(name)) around 1, everything else N(0, 0.08)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_norm_weight(name):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.08)
+    return model

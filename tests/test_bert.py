@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, spread_weights_
 from safetensors.torch import load_file, save_file
 
 import zoo
@@ -47,13 +47,7 @@ def build_hf_model(architecture: str, extra: dict, pooler: bool):
     torch.manual_seed(1)
     cls = getattr(transformers, architecture)
     model = cls(config, add_pooling_layer=pooler) if architecture == "BertModel" else cls(config)
-    with torch.no_grad():  # weights and biases far from HF's init, so every term matters
-        for name, param in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.08)
-    return model.eval()
+    return spread_weights_(model, lambda name: "LayerNorm.weight" in name).eval()
 
 
 def encoder(hf_model):

@@ -4,7 +4,13 @@ the prompt, so that prefill and decode both cross them; Qwen2's q/k/v biases; Qw
 
 import pytest
 import torch
-from helpers import DEVICE, assert_bf16_logits_track_hf, assert_close, left_padded_batch
+from helpers import (
+    DEVICE,
+    assert_bf16_logits_track_hf,
+    assert_close,
+    left_padded_batch,
+    spread_weights_,
+)
 
 import zoo
 from zoo.models.llama import LlamaConfig
@@ -66,13 +72,7 @@ def build_hf_model(config_class: str, architecture: str, config_kwargs: dict):
     config = getattr(transformers, config_class)(**config_kwargs)
     torch.manual_seed(1)
     model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():  # weights and biases far from HF's init, so every term matters
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.08)
-    return model
+    return spread_weights_(model, lambda name: "norm" in name)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
