@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU runs, one stage per argument (a device call runs at most 10 minutes: pick stages to fit).
 #   tests     the whole test suite on the GPU (kernels in fp32/fp16/bf16, every family's parity),
-#             in four concurrent pytest processes
+#             spread over 8 pytest-xdist workers per GPU (TESTS=... picks files or node ids)
 #   smoke     Llama-3-8B (random weights): load, generate 32 tokens for a batch of 2, graph == eager
 #   accuracy  bf16 error against HF fp32 at real sizes, ours vs HF bf16 (benchmarks/accuracy.py)
 #   profile   the GPU kernels of a Llama-3-8B prefill and decode step: all matmuls/attention ours
@@ -41,19 +41,17 @@ stored_peers() {  # with PEERS=1: the stored HF peer numbers of this GPU kind fo
   [ -n "$peers" ] && cp "benchmarks/results/${gpu}_$1_hf_peers.json" "$OUT/" 2>/dev/null || true
 }
 
-run_tests() {  # four pytest processes side by side; each writes $OUT/pytest_<lane>.log
-  local groups=(
-    "tests/test_matmul.py tests/test_kernel_properties.py"
-    "tests/test_attention.py tests/test_decode.py"
-    "tests/test_llama.py tests/test_gpt2.py tests/test_norm.py tests/test_rope.py tests/test_embedding.py tests/test_relative_bias.py"
-    "$(ls tests/test_*.py | grep -v -E 'test_(matmul|attention|decode|kernel_properties|llama|gpt2|norm|rope|embedding|relative_bias)\.py' | tr '\n' ' ')"
-  )
-  for i in "${!groups[@]}"; do
-    # shellcheck disable=SC2086
-    python -m pytest -q -rs -s -p no:cacheprovider ${groups[$i]} 2>&1 | grep --line-buffered -v "Writing model shards" >"$OUT/pytest_$i.log" &
-  done
-  wait
-  grep -h -E "passed|failed|FAILED|Error|relative error" "$OUT"/pytest_*.log | tail -40
+run_tests() {  # the whole suite; with pytest-xdist, 8 workers per GPU (conftest.py spreads them)
+  local workers
+  if python -c "import xdist" 2>/dev/null; then
+    workers=(-n "${TEST_WORKERS:-$((8 * $(nvidia-smi -L | wc -l)))}" --dist load)
+  else
+    workers=()
+  fi
+  python -c "import pytest_timeout" 2>/dev/null && workers+=(--timeout 300)  # no test hangs the run
+  python -m pytest -q -rfEs --tb=short --durations 25 -p no:cacheprovider \
+    "${workers[@]}" ${TESTS:-tests} 2>&1 | grep --line-buffered -v "Writing model shards" >"$OUT/pytest.log"
+  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/pytest.log" | tail -40
 }
 
 smoke() {

@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist on a machine with several GPUs, the workers take the GPUs in turn ("cuda"
+# then means the worker's own device).
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and torch.cuda.is_available():
+    torch.cuda.set_device(int(_worker[2:]) % torch.cuda.device_count())
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -130,7 +130,12 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(folders):
-    return {family: zoo.load(folders[family], device=DEVICE) for family in FAMILIES}
+    models = {family: zoo.load(folders[family], device=DEVICE) for family in FAMILIES}
+    # A graphed Bert call checks the values of its inputs inside its graph (its kernels stay in
+    # bounds on any values) and raises after the replay: tests/test_graphs.py covers that path.
+    # Here every family rejects bad values before any kernel runs.
+    models["bert"].cuda_graph = False
+    return models
 
 
 @pytest.fixture

@@ -337,7 +337,8 @@ def test_bert_outputs_do_not_alias(saved):
     assert first.last_hidden_state.data_ptr() != second.last_hidden_state.data_ptr()
     assert first.pooler_output.data_ptr() != second.pooler_output.data_ptr()
     hidden = first.last_hidden_state.untyped_storage().data_ptr()
-    static = [t.untyped_storage().data_ptr() for t in _pool(model)._entries.popitem()[1].outputs]
+    hidden_out, pooled_out, _checks = _pool(model)._entries.popitem()[1].outputs
+    static = [t.untyped_storage().data_ptr() for t in (hidden_out, pooled_out)]
     assert hidden not in static
 
 
@@ -388,10 +389,11 @@ def test_opt_out_per_call_and_per_model(saved):
 
 
 @needs_cuda
-def test_inputs_are_checked_before_a_replay(saved):
+def test_inputs_are_checked_around_a_replay(saved):
+    """Decoders check values before their replay; Bert inside its graph, raising after it."""
     model = load(saved, "bert")
     ids = torch.randint(0, 97, (2, 9), device=DEVICE)
-    model(ids)  # the bucket's graph exists
+    expected = model(ids).last_hidden_state  # the bucket's graph exists
     bad = ids.clone()
     bad[1, 3] = 97
     with pytest.raises(ValueError, match="input_ids: token id 97 is outside the vocabulary"):
@@ -400,6 +402,11 @@ def test_inputs_are_checked_before_a_replay(saved):
     mask[0, 2] = 0  # a hole: not right-padded
     with pytest.raises(ValueError, match="attention_mask: Bert batches must be right-padded"):
         model(ids, attention_mask=mask)
+    types = torch.zeros_like(ids)
+    types[0, 4] = -1
+    with pytest.raises(ValueError, match=r"token_type_ids: -1 is outside \[0, 3\)"):
+        model(ids, token_type_ids=types)
+    assert torch.equal(model(ids).last_hidden_state, expected)  # the graph still serves
     gpt2 = load(saved, "gpt2")
     gpt2(ids)
     with pytest.raises(ValueError, match="input_ids: token id 97 is outside the vocabulary"):
