@@ -347,7 +347,7 @@ def attention(
     if plan is None:
         plan = _plans.put(key, _plan(q, k, v, causal, kv_start, kv_end, bias, out, window))
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if plan is not _EMPTY:
         _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window)
     return out

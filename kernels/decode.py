@@ -266,7 +266,7 @@ def decode_attention(
     if plan is None:
         plan = _plans.put(key, _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window))
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if plan is not None:
         _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window)
     return out
@@ -337,9 +337,9 @@ def _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
     _, S_max, Hkv, _ = k.shape
     num_splits = split.grid[1]
     if combine is not None:
-        m_part = torch.empty((B * Hq, num_splits), dtype=torch.float32, device=q.device)
+        m_part = q.new_empty((B * Hq, num_splits), dtype=torch.float32)
         l_part = torch.empty_like(m_part)
-        acc_part = torch.empty((B * Hq, num_splits, D), dtype=torch.float32, device=q.device)
+        acc_part = q.new_empty((B * Hq, num_splits, D), dtype=torch.float32)
     else:
         m_part = l_part = acc_part = out  # unused by the kernel
     if bias is not None:

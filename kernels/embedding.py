@@ -104,7 +104,7 @@ def embedding(
         launch = _plans.put(key, _plan(ids, weight, positions, position_weight))
     ids_flat = ids.reshape(-1)
     n = weight.shape[1]
-    out = torch.empty((ids_flat.shape[0], n), dtype=weight.dtype, device=weight.device)
+    out = weight.new_empty((ids_flat.shape[0], n))
     if launch is None:
         return out.view(*ids.shape, n)
     positions_flat = positions.reshape(-1) if positions is not None else ids_flat

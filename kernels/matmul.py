@@ -797,7 +797,7 @@ def matmul(
     if plan is None:
         plan = _plans.put(key, _plan(x, weight, bias, activation, residual, out))
     if out is None:
-        out = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+        out = x.new_empty(plan.out_shape)
     if plan.main is None and plan.tune is None:  # nothing to compute (M or N is 0)
         return out
     n = plan.n

@@ -74,14 +74,22 @@ def _norm_kernel(
     tl.store(out_ptr + row * out_stride_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
 _plans = PlanCache()
 
 
-def _plan(x, weight, bias, residual, is_rms) -> KernelLaunch:
+class _Plan:
+    """One signature's launch and what every call of it allocates: outputs of x's shape, written
+    as [rows, N] (x's own shape and strides are part of the signature)."""
+
+    __slots__ = ("launch", "n", "row_stride", "residual_row_stride")
+
+    def __init__(self, launch, n, row_stride, residual_row_stride) -> None:
+        self.launch = launch
+        self.n = n
+        self.row_stride, self.residual_row_stride = row_stride, residual_row_stride
+
+
+def _plan(x, weight, bias, residual, is_rms) -> _Plan:
     """Checks the inputs of a new signature and fixes its launch."""
     n = x.shape[-1]
     if weight.shape != (n,):
@@ -107,40 +115,43 @@ def _plan(x, weight, bias, residual, is_rms) -> KernelLaunch:
         "num_warps": 4 if INTERPRET else min(max(block_n // 256, 1), 16),
         **pdl_meta(x.device, rows),
     }
-    return KernelLaunch(_norm_kernel, (rows,), meta)
+    # x (and residual) as [rows, N]: a view where the strides allow, else a copy per call
+    row_stride = _row_stride(x)
+    residual_row_stride = _row_stride(residual) if residual is not None else row_stride
+    return _Plan(
+        KernelLaunch(_norm_kernel, (rows,), meta), rows, n, row_stride, residual_row_stride
+    )
+
+
+def _row_stride(t: torch.Tensor) -> int | None:
+    """The row stride of t viewed as [rows, N], or None when no view exists (t is copied)."""
+    try:
+        return t.view(-1, t.shape[-1]).stride(0)
+    except RuntimeError:
+        return None
 
 
 def _norm(x, weight, bias, eps, residual, is_rms):
     key = (is_rms, tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(residual))
-    launch = _plans.get(key)
-    if launch is None:
-        launch = _plans.put(key, _plan(x, weight, bias, residual, is_rms))
-    x_rows = _as_rows(x)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out_rows = out.view(x_rows.shape)
-    if residual is not None:
-        residual_rows = _as_rows(residual)
-        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        residual_out_rows = residual_out.view(x_rows.shape)
-    else:
-        residual_rows = residual_out_rows = x_rows  # unused by the kernel
-    launch(
-        x_rows,
-        residual_rows,
-        residual_out_rows,
-        weight,
-        bias if bias is not None else weight,
-        out_rows,
-        x_rows.stride(0),
-        residual_rows.stride(0),
-        residual_out_rows.stride(0),
-        out_rows.stride(0),
-        x_rows.shape[1],
-        float(eps),
-    )
-    if residual is not None:
-        return out, residual_out
-    return out
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.put(key, _plan(x, weight, bias, residual, is_rms))
+    n = plan.n
+    x_stride = plan.row_stride
+    if x_stride is None:
+        x, x_stride = x.contiguous(), n
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if residual is None:
+        plan.launch(x, x, x, weight, bias if bias is not None else weight, out,
+                    x_stride, x_stride, x_stride, n, n, float(eps))  # fmt: skip
+        return out
+    residual_stride = plan.residual_row_stride
+    if residual_stride is None:
+        residual, residual_stride = residual.contiguous(), n
+    residual_out = torch.empty_like(out)
+    plan.launch(x, residual, residual_out, weight, bias if bias is not None else weight, out,
+                x_stride, residual_stride, n, n, n, float(eps))  # fmt: skip
+    return out, residual_out
 
 
 def rms_norm(

@@ -145,9 +145,7 @@ def relative_position_bias(
         launch = _plans.put(key, _plan(table, buckets, query_length, key_length, query_offset))
     batch = query_offset.shape[0] if query_offset is not None else 1
     heads = table.shape[1]
-    out = torch.empty(
-        (batch, heads, query_length, key_length), dtype=table.dtype, device=table.device
-    )
+    out = table.new_empty((batch, heads, query_length, key_length))
     launch(
         table,
         buckets,
