@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+import kernels.utils
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     INTERPRET,
@@ -188,6 +189,7 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,  # with PDL: weight columns pulled into L2 before the wait (0: none)
+    CONFIG_TABLE: tl.constexpr = "default",  # autotune key only: the config table it was tuned from
 ):
     pid_m, pid_n = _grouped_tile(
         tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M
@@ -376,6 +378,31 @@ _LARGE_CONFIGS = [  # prefill, Bert: compute bound
     _config(128, 256, 64, 4, 8),
     _config(256, 128, 64, 3, 8),
 ]
+# Decode batches, M buckets 32..128 (kernel option matmul_decode_table): one row block spans the
+# whole batch, so each weight tile leaves HBM once per step, and K is split until the column
+# blocks fill the SMs (_decode_split_k).
+_DECODE_CONFIGS = {
+    32: [
+        _config(32, 64, 128, 4, 4),
+        _config(32, 32, 256, 3, 4),
+        _config(32, 64, 256, 3, 4),
+        _config(32, 128, 128, 3, 4),
+    ],
+    64: [
+        _config(64, 64, 128, 4, 4),
+        _config(64, 32, 128, 4, 4),
+        _config(64, 64, 256, 3, 8),
+        _config(64, 128, 64, 4, 4),
+    ],
+    128: [
+        _config(128, 64, 64, 4, 4),
+        _config(128, 64, 128, 3, 8),
+        _config(128, 32, 128, 4, 4),
+        _config(128, 128, 64, 3, 8),
+    ],
+}
+_DECODE_BLOCK_N = 64  # the column block _decode_split_k sizes the split for
+_DECODE_MIN_K_SLICE = 512  # K each slice keeps at least
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _INTERPRET_TMA_CONFIG = {
@@ -406,7 +433,9 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     m_bucket, n, k = args["M_BUCKET"], args["N"], args["K"]
     n_acc = 2 if args["FUSED_GATE"] else 1
-    if m_bucket <= 16:
+    if args.get("CONFIG_TABLE") == "decode":
+        bucket = _DECODE_CONFIGS[m_bucket]
+    elif m_bucket <= 16:
         bucket = _SKINNY_CONFIGS
     elif m_bucket <= 64:
         bucket = _MEDIUM_CONFIGS
@@ -493,8 +522,18 @@ _matmul_kernel_tuned = (
     else triton.autotune(
         configs=_SKINNY_CONFIGS
         + _MEDIUM_CONFIGS
-        + _LARGE_CONFIGS,  # _prune_configs picks the bucket
-        key=["M_BUCKET", "N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL", "SPLIT_K"],
+        + _LARGE_CONFIGS
+        + [c for table in _DECODE_CONFIGS.values() for c in table],  # _prune_configs picks
+        key=[
+            "M_BUCKET",
+            "N",
+            "K",
+            "ACTIVATION",
+            "FUSED_GATE",
+            "HAS_RESIDUAL",
+            "SPLIT_K",
+            "CONFIG_TABLE",
+        ],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
         restore_value=["out_ptr"],
@@ -530,8 +569,26 @@ def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
     )
 
 
+def _config_table(m_bucket: int) -> str:
+    """'decode' where the decode table is on and covers the M bucket, else 'default'."""
+    on = kernels.utils.KERNEL_OPTIONS["matmul_decode_table"]
+    return "decode" if on and m_bucket in _DECODE_CONFIGS else "default"
+
+
+def _decode_split_k(n: int, k: int, sms: int) -> int:
+    """K slices of a decode-table matmul: the column blocks alone would leave SMs idle, so split
+    K in halves while that is still true and each slice keeps >= _DECODE_MIN_K_SLICE (<= 8)."""
+    tiles = triton.cdiv(n, _DECODE_BLOCK_N)
+    split_k = 1
+    while tiles * split_k < sms and k // (2 * split_k) >= _DECODE_MIN_K_SLICE and split_k < 8:
+        split_k *= 2
+    return split_k
+
+
 @functools.lru_cache(maxsize=4096)  # called per launch, from shapes only
-def _pick_split_k(m_bucket: int, n: int, k: int, device: torch.device) -> int:
+def _pick_split_k(
+    m_bucket: int, n: int, k: int, device: torch.device, table: str = "default"
+) -> int:
     """Split K for skinny M when the output tiles alone would leave SMs idle (GPU only).
 
     Decided from the M bucket, not M: every M of a bucket sums its K slices the same way, so a
@@ -545,6 +602,8 @@ def _pick_split_k(m_bucket: int, n: int, k: int, device: torch.device) -> int:
     if INTERPRET or device.type != "cuda" or m_bucket > 256:
         return 1
     sms = num_sms(device)
+    if table == "decode":
+        return _decode_split_k(n, k, sms)
     tiles = triton.cdiv(m_bucket, 64) * triton.cdiv(n, 64)
     split_k = 1
     while tiles * split_k < sms and k // (2 * split_k) >= 768 and split_k < 8:
@@ -650,7 +709,8 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
         return _Plan(n, out_shape)
 
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
-    split_k = _pick_split_k(m_bucket, n, k, x.device)
+    table = _config_table(m_bucket)
+    split_k = _pick_split_k(m_bucket, n, k, x.device, table)
     # the epilogue's constexprs and the launch options, shared by all three kernels
     shared_meta = {
         "ACTIVATION": act_name,
@@ -679,6 +739,7 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
 
     meta = {
         **shared_meta,
+        "CONFIG_TABLE": table,
         "SPLIT_K": split_k,
         "DOT_PRECISION": dot_precision(x.dtype),
         # 0 without PDL too: one compiled variant per launch, whatever the weight's size
@@ -703,9 +764,11 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
             {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
         )
     if INTERPRET:
-        main = KernelLaunch(_matmul_kernel, grid(_INTERPRET_CONFIG), {**meta, **_INTERPRET_CONFIG})
+        # the interpreter's fixed config: a decode table's first entry where that table is on
+        config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
+        main = KernelLaunch(_matmul_kernel, grid(config), {**meta, **config})
         return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue)
-    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k), grid, meta)
+    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table), grid, meta)
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
 
 

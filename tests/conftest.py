@@ -13,3 +13,13 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_options():
+    """set_kernel_options for one test: the options before it are put back after it."""
+    import kernels.utils
+
+    previous = dict(kernels.utils.KERNEL_OPTIONS)
+    yield kernels.utils.set_kernel_options
+    kernels.utils.set_kernel_options(**previous)

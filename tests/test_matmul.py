@@ -135,6 +135,76 @@ def test_split_k(monkeypatch, activation, k, split_k):
     )
 
 
+DECODE_TABLE_CONFIGS = [
+    pytest.param(bucket, config, id=f"M{bucket}-{i}")
+    for bucket, table in mm._DECODE_CONFIGS.items()
+    for i, config in enumerate(table)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bucket, config", DECODE_TABLE_CONFIGS)
+def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config):
+    """Every config of the decode table (matmul at decode batches), with K split in uneven slices
+    as the table splits it: ragged M inside the one row block, odd N and K, the gated epilogue
+    with bias and residual, and the same numbers as with the table off."""
+    kernel_options(matmul_decode_table=1)
+    monkeypatch.setitem(mm._DECODE_CONFIGS, bucket, [config])
+    monkeypatch.setattr(mm, "_pick_split_k", lambda *args: 3)
+    m, inter, k = bucket - 5, 37, 300
+    x, w, b, res = (rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype),
+                    rand(2 * inter, dtype=dtype), rand(m, inter, dtype=dtype))  # fmt: skip
+    plan = mm._plan(x, w, b, "silu_mul", res, None)
+    assert plan.main.meta["CONFIG_TABLE"] == "decode" and plan.split_k == 3
+    assert plan.main.meta["BLOCK_M"] == bucket
+    y = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
+    assert_close(y, reference(x, w, b, "silu_mul", res, 0.5), TOL[dtype], f"decode table {config}")
+    kernel_options(matmul_decode_table=0)
+    y_off = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
+    assert mm._plan(x, w, b, "silu_mul", res, None).main.meta["CONFIG_TABLE"] == "default"
+    assert_close(y, y_off, TOL[dtype], "decode table on vs off")
+
+
+def test_decode_table_covers_only_decode_buckets(kernel_options):
+    kernel_options(matmul_decode_table=1)
+    assert [mm._config_table(b) for b in (1, 16, 32, 64, 128, 256, 512)] == (
+        ["default"] * 2 + ["decode"] * 3 + ["default"] * 2
+    )
+    kernel_options(matmul_decode_table=0)
+    assert {mm._config_table(b) for b in (32, 64, 128)} == {"default"}
+
+
+def test_decode_table_split_k_on_the_gpu_path(monkeypatch):
+    """On a GPU the decode table's plans split K by _decode_split_k; the default table keeps the
+    earlier rule (64x64 output tiles: 128 of them at M bucket 128 for Llama's o projection)."""
+    monkeypatch.setattr(mm, "INTERPRET", False)
+    monkeypatch.setattr(mm, "num_sms", lambda device: 132)
+    pick = mm._pick_split_k.__wrapped__  # uncached: INTERPRET is patched
+    cuda = torch.device("cuda")
+    assert pick(128, 4096, 4096, cuda, "decode") == 4
+    assert pick(128, 4096, 4096, cuda, "default") == 2
+
+
+@pytest.mark.parametrize(
+    "n, k, split_k",
+    [
+        (6144, 4096, 2),  # Llama-3-8B qkv: 96 column blocks, 2 slices fill 132 SMs
+        (4096, 4096, 4),  # o: 64 blocks
+        (14336, 4096, 1),  # gate-up (I columns): 224 blocks
+        (4096, 14336, 4),  # down
+        (128256, 4096, 1),  # lm_head
+        (64, 768, 1),  # a slice would keep less than 512 of K
+        (64, 100_000, 8),  # at most 8 slices
+    ],
+)
+def test_decode_split_k_table(n, k, split_k):
+    """The decode table's K split on an H200 (132 SMs) at Llama-3-8B's projections."""
+    assert mm._decode_split_k(n, k, 132) == split_k
+    blocks = -(-n // mm._DECODE_BLOCK_N)
+    if split_k > 1:
+        assert k // split_k >= mm._DECODE_MIN_K_SLICE and blocks * split_k // 2 < 132
+
+
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
 @pytest.mark.parametrize(
     "activation, n_w, k, has_bias, has_residual",
