@@ -226,6 +226,73 @@ def test_tma_kernel(dtype, activation, n_w, k, has_bias, has_residual):
     assert_close(y, expected, TOL[dtype], f"TMA matmul {m}x{n_w}x{k} {activation}")
 
 
+TMA_VARIANTS = [
+    pytest.param(dict(epilogue_subtile=sub, tma_store=store, warp_specialize=ws), id=name)
+    for name, sub, store, ws in [
+        ("subtile2", 2, 0, 0),
+        ("subtile4", 4, 0, 0),
+        ("tma-store", 1, 1, 0),
+        ("subtile2-tma-store", 2, 1, 0),
+        ("subtile4-tma-store", 4, 1, 0),
+        ("warp-specialize", 1, 0, 1),
+        ("subtile2-tma-store-warp-specialize", 2, 1, 1),
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize(
+    "activation, n_w, k, has_bias, has_residual",
+    [
+        ("gelu", 104, 48, True, True),
+        ("silu_mul", 208, 40, False, True),
+        (None, 72, 40, True, False),
+    ],
+)
+def test_tma_epilogue_variants(kernel_options, dtype, variant, activation, n_w, k, has_bias,
+                               has_residual):  # fmt: skip
+    """The persistent TMA kernel's epilogue variants (column slices, TMA stores, warp
+    specialization) against the reference and against the default epilogue: ragged M and N
+    edges (N = 104 / 72: partial tiles and slices), the gated activation, the residual."""
+    m = 300
+    x, w = rand(m, k, dtype=dtype), rand(n_w, k, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    b = rand(n_w, dtype=dtype) if has_bias else None
+    n = n_w // 2 if activation == "silu_mul" else n_w
+    res = rand(m, n, dtype=dtype) if has_residual else None
+    default = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    kernel_options(**variant)
+    plan = mm._plan(x, w, b, activation, res, None)
+    assert plan.tma
+    meta = plan.main.meta if plan.main is not None else plan.tune[4]
+    assert meta["EPILOGUE_SUBTILE"] == variant["epilogue_subtile"]
+    assert meta["TMA_STORE"] == bool(variant["tma_store"])  # n * 2 bytes is 16-byte aligned
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    expected = reference(x, w, b, activation, res, 0.5)
+    assert_close(y, expected, TOL[dtype], f"TMA matmul {variant} {activation}")
+    assert_close(y, default, TOL[dtype], f"TMA matmul {variant} vs the default epilogue")
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+def test_tma_store_in_place_and_unaligned_outputs(kernel_options, dtype):
+    """TMA stores write an in-place residual add; an output whose rows TMA cannot address
+    (37 halves: 74 bytes) keeps pointer stores under the same options."""
+    x, w = rand(300, 48, dtype=dtype), rand(64, 48, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    kernel_options(epilogue_subtile=2, tma_store=1)
+    h = rand(300, 64, dtype=dtype)
+    expected = reference(x, w, None, "relu", h, 0.5)
+    assert matmul(x, w, activation="relu", residual=h, alpha=0.5, out=h) is h
+    assert_close(h, expected, TOL[dtype], "TMA store, in-place residual add")
+    w37 = rand(37, 48, dtype=dtype)
+    plan = mm._plan(x, w37, None, None, None, None)
+    assert plan.tma and not (plan.main.meta if plan.main else plan.tune[4])["TMA_STORE"]
+    assert_close(matmul(x, w37), reference(x, w37), TOL[dtype], "unaligned output rows")
+
+
 def test_tma_needs_aligned_rows():
     """A row stride TMA cannot address (K = 36 halves: 72 bytes) takes the pointer kernel."""
     x, w = rand(300, 36, dtype=torch.float16), rand(40, 36, dtype=torch.float16)
