@@ -13,7 +13,7 @@ the winners written out for the runs that follow.
   and on and at fixed split counts. Each is replayed from a CUDA graph (no launch overhead) and
   given with its roofline (bytes over the measured copy bandwidth, FLOPs over the matmul rate).
 
---options-out writes the winning options as a ZOO_KERNELS string (e.g.
+--options-out writes the winning options (the decode tables' as soon as they are known) as a ZOO_KERNELS string (e.g.
 "matmul_decode_table=1,epilogue_subtile=2"): a variant wins where it is at least 1% faster on the
 geometric mean of its cases, a table where it is at least 1% faster summed over the batches it
 covers; otherwise today's choice stays.
@@ -247,32 +247,47 @@ def decode_attention_row(batch: int, roofline: Roofline) -> dict:
     return row
 
 
-def pick_options(epilogues: list[dict], matmuls: list[dict], attentions: list[dict]) -> dict:
-    """The winning kernel options (see the module docstring)."""
+def _geomean(times) -> float:
+    return math.exp(sum(map(math.log, times)) / len(times)) if all(times) else math.inf
 
-    def geomean(name):
-        times = [r[name]["us"] for r in epilogues]
-        return math.exp(sum(map(math.log, times)) / len(times)) if all(times) else math.inf
 
-    # a choice other than today's must win by more than the timing noise
-    best = min(EPILOGUE_VARIANTS, key=geomean)
-    if geomean(best) > MARGIN * geomean("default"):
-        best = "default"
-    covered = [r for r in matmuls if r["batch"] > 16]  # the table's M buckets 32..128
+def _total(rows: list[dict], name: str) -> float:
+    times = [r[f"{name}_us"] for r in rows]
+    return sum(times) if all(t is not None for t in times) else math.inf
 
-    def total(rows, name):
-        times = [r[f"{name}_us"] for r in rows]
-        return sum(times) if all(t is not None for t in times) else math.inf
 
+def pick_decode_options(matmuls: list[dict], attentions: list[dict]) -> dict:
+    """The decode tables that win (see the module docstring)."""
+    covered = [
+        r for r in matmuls if matmul_module._m_bucket(r["batch"]) in matmul_module._DECODE_CONFIGS
+    ]
     return {
-        **EPILOGUE_VARIANTS[best],
         "matmul_decode_table": int(
-            total(covered, "decode_table") < MARGIN * total(covered, "default")
+            _total(covered, "decode_table") < MARGIN * _total(covered, "default")
         ),
         "decode_split_table": int(
-            total(attentions, "split_table") < MARGIN * total(attentions, "default")
+            _total(attentions, "split_table") < MARGIN * _total(attentions, "default")
         ),
     }
+
+
+def pick_epilogue(epilogues: list[dict]) -> dict:
+    """The epilogue variant that wins (see the module docstring), as kernel options."""
+
+    def geomean(name):
+        return _geomean([r[name]["us"] for r in epilogues])
+
+    best = min(EPILOGUE_VARIANTS, key=geomean)
+    if geomean(best) > MARGIN * geomean("default"):
+        best = "default"  # a choice other than today's must win by more than the timing noise
+    return EPILOGUE_VARIANTS[best]
+
+
+def write_options(path: str | None, options: dict) -> None:
+    zoo_kernels = ",".join(f"{name}={value}" for name, value in options.items())
+    print(f"\nwinning kernel options: ZOO_KERNELS={zoo_kernels}", flush=True)
+    if path:
+        Path(path).write_text(zoo_kernels + "\n")
 
 
 def fmt_us(value) -> str:
@@ -292,19 +307,6 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     roofline = Roofline.measure()
     print(f"{device}: {roofline.header()}; triton {triton.__version__}", flush=True)
-
-    epilogues = [epilogue_row(case, roofline, args.top) for case in EPILOGUE_CASES]
-    print("\n| matmul + activation (bf16) | variant | us | cuBLAS matmul alone us | speed vs cuBLAS "
-          "| % of roofline | config |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in epilogues:
-        for name in EPILOGUE_VARIANTS:
-            v = r[name]
-            speed = f"{v['speed_vs_cublas']:.2f}x" if v["speed_vs_cublas"] else "n/a"
-            print(
-                f"| {r['case']} | {name} | {fmt_us(v['us'])} | {r['cublas_us']:.1f} | {speed} "
-                f"| {fmt_pct(v['roofline_pct'])} | {v['config']} |"
-            )
 
     layers, head = layer_weights("cuda", torch.bfloat16)
     matmuls = [decode_matmul_row(batch, layers, head, roofline) for batch in DECODE_BATCHES]
@@ -345,11 +347,25 @@ def main() -> None:
             f"| {fmt_pct(r['split_table_roofline_pct'])} |"
         )
 
-    options = pick_options(epilogues, matmuls, attentions)
-    zoo_kernels = ",".join(f"{name}={value}" for name, value in options.items())
-    print(f"\nwinning kernel options: ZOO_KERNELS={zoo_kernels}")
-    if args.options_out:
-        Path(args.options_out).write_text(zoo_kernels + "\n")
+    # written now too: a variant that does not compile (or worse) below ends the run
+    decode_options = pick_decode_options(matmuls, attentions)
+    write_options(args.options_out, {**EPILOGUE_VARIANTS["default"], **decode_options})
+
+    epilogues = [epilogue_row(case, roofline, args.top) for case in EPILOGUE_CASES]
+    print("\n| matmul + activation (bf16) | variant | us | cuBLAS matmul alone us | speed vs cuBLAS "
+          "| % of roofline | config |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in epilogues:
+        for name in EPILOGUE_VARIANTS:
+            v = r[name]
+            speed = f"{v['speed_vs_cublas']:.2f}x" if v["speed_vs_cublas"] else "n/a"
+            print(
+                f"| {r['case']} | {name} | {fmt_us(v['us'])} | {r['cublas_us']:.1f} | {speed} "
+                f"| {fmt_pct(v['roofline_pct'])} | {v['config']} |"
+            )
+
+    options = {**pick_epilogue(epilogues), **decode_options}
+    write_options(args.options_out, options)
     if args.out:
         write_result(
             args.out,
