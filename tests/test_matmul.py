@@ -142,7 +142,23 @@ DECODE_TABLE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def fresh_tuning(monkeypatch, tuner, configs=None):
+    """On the GPU: the autotuner forgets its picks for this test (and tunes over `configs`
+    only, where given), so that each test runs the configs it names."""
+    if mm.INTERPRET:
+        return
+    monkeypatch.setattr(mm, "_tuned_configs", {})
+    monkeypatch.setattr(tuner, "cache", {})
+    if configs is not None:
+        monkeypatch.setattr(tuner, "configs", configs)
+
+
+def plan_meta(plan) -> dict:
+    """A plan's constexprs: its launch's, or (before its first call on the GPU) its tuning's."""
+    return plan.main.meta if plan.main is not None else plan.tune[4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bucket, config", DECODE_TABLE_CONFIGS)
 def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config):
     """Every config of the decode table (matmul at decode batches), with K split in uneven slices
@@ -151,17 +167,23 @@ def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config
     kernel_options(matmul_decode_table=1)
     monkeypatch.setitem(mm._DECODE_CONFIGS, bucket, [config])
     monkeypatch.setattr(mm, "_pick_split_k", lambda *args: 3)
+    fresh_tuning(monkeypatch, mm._matmul_kernel_tuned)
     m, inter, k = bucket - 5, 37, 300
     x, w, b, res = (rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype),
                     rand(2 * inter, dtype=dtype), rand(m, inter, dtype=dtype))  # fmt: skip
     plan = mm._plan(x, w, b, "silu_mul", res, None)
-    assert plan.main.meta["CONFIG_TABLE"] == "decode" and plan.split_k == 3
-    assert plan.main.meta["BLOCK_M"] == bucket
+    assert plan_meta(plan)["CONFIG_TABLE"] == "decode" and plan.split_k == 3
     y = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
+    if mm.INTERPRET:
+        assert plan.main.meta["BLOCK_M"] == bucket
+    else:  # the config, unless it does not fit this dtype's tiles in shared memory
+        fits = mm._fits(config, 2, x.element_size(), mm.max_shared_memory(x.device))
+        tuned = [c.kwargs["BLOCK_M"] for c in mm._tuned_configs.values()]
+        assert tuned == [bucket if fits else mm._FALLBACK_CONFIG.kwargs["BLOCK_M"]]
     assert_close(y, reference(x, w, b, "silu_mul", res, 0.5), TOL[dtype], f"decode table {config}")
     kernel_options(matmul_decode_table=0)
     y_off = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
-    assert mm._plan(x, w, b, "silu_mul", res, None).main.meta["CONFIG_TABLE"] == "default"
+    assert plan_meta(mm._plan(x, w, b, "silu_mul", res, None))["CONFIG_TABLE"] == "default"
     assert_close(y, y_off, TOL[dtype], "decode table on vs off")
 
 
@@ -250,8 +272,9 @@ TMA_VARIANTS = [
         (None, 72, 40, True, False),
     ],
 )
-def test_tma_epilogue_variants(kernel_options, dtype, variant, activation, n_w, k, has_bias,
-                               has_residual):  # fmt: skip
+def test_tma_epilogue_variants(
+    monkeypatch, kernel_options, dtype, variant, activation, n_w, k, has_bias, has_residual
+):
     """The persistent TMA kernel's epilogue variants (column slices, TMA stores, warp
     specialization) against the reference and against the default epilogue: ragged M and N
     edges (N = 104 / 72: partial tiles and slices), the gated activation, the residual."""
@@ -262,11 +285,13 @@ def test_tma_epilogue_variants(kernel_options, dtype, variant, activation, n_w, 
     b = rand(n_w, dtype=dtype) if has_bias else None
     n = n_w // 2 if activation == "silu_mul" else n_w
     res = rand(m, n, dtype=dtype) if has_residual else None
+    # on the GPU: one 8-warp config with both accumulators of a gated tile in registers
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 128, 64, 3, 8)])
     default = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
     kernel_options(**variant)
     plan = mm._plan(x, w, b, activation, res, None)
     assert plan.tma
-    meta = plan.main.meta if plan.main is not None else plan.tune[4]
+    meta = plan_meta(plan)
     assert meta["EPILOGUE_SUBTILE"] == variant["epilogue_subtile"]
     assert meta["TMA_STORE"] == bool(variant["tma_store"])  # n * 2 bytes is 16-byte aligned
     y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
@@ -276,12 +301,13 @@ def test_tma_epilogue_variants(kernel_options, dtype, variant, activation, n_w, 
 
 
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
-def test_tma_store_in_place_and_unaligned_outputs(kernel_options, dtype):
+def test_tma_store_in_place_and_unaligned_outputs(monkeypatch, kernel_options, dtype):
     """TMA stores write an in-place residual add; an output whose rows TMA cannot address
     (37 halves: 74 bytes) keeps pointer stores under the same options."""
     x, w = rand(300, 48, dtype=dtype), rand(64, 48, dtype=dtype)
     if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
         pytest.skip("TMA needs a Hopper (or newer) GPU")
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 64, 64, 3, 4)])
     kernel_options(epilogue_subtile=2, tma_store=1)
     h = rand(300, 64, dtype=dtype)
     expected = reference(x, w, None, "relu", h, 0.5)
@@ -289,7 +315,7 @@ def test_tma_store_in_place_and_unaligned_outputs(kernel_options, dtype):
     assert_close(h, expected, TOL[dtype], "TMA store, in-place residual add")
     w37 = rand(37, 48, dtype=dtype)
     plan = mm._plan(x, w37, None, None, None, None)
-    assert plan.tma and not (plan.main.meta if plan.main else plan.tune[4])["TMA_STORE"]
+    assert plan.tma and not plan_meta(plan)["TMA_STORE"]
     assert_close(matmul(x, w37), reference(x, w37), TOL[dtype], "unaligned output rows")
 
 
