@@ -10,7 +10,9 @@ call with cuda_graph=False where the model takes that argument, and a CUDA graph
 around `model.encode` and replayed (the floor of launch overhead; timed both ways). HF peers:
 eager (SDPA attention) and torch.compile(mode="max-autotune"), which uses CUDA graphs too, timed
 with do_bench. Prints ms, the ratios and TFLOP/s against the bf16 matmul rate measured in the
-same run. HF compile numbers take minutes per shape: `--peers` measures them into
+same run, and the roofline line: the floor of a forward (the larger of its matmul FLOPs over the
+measured matmul rate and the weights' bytes over the measured copy bandwidth) and the plain
+call's % of it. HF compile numbers take minutes per shape: `--peers` measures them into
 benchmarks/results/, later runs reuse them.
 
     PYTHONPATH=. python benchmarks/bench_bert.py --model bert-base-uncased [--peers]
@@ -31,6 +33,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS,
+    Roofline,
     accepts,
     attempt,
     call_ms,
@@ -38,9 +41,10 @@ from common import (  # noqa: E402
     gpu_kernel_ms,
     gpu_tag,
     load_peers,
-    measure_matmul_flops,
     parse_shapes,
     ratio,
+    roofline_cells,
+    weight_bytes,
     write_result,
 )
 
@@ -125,8 +129,9 @@ def main() -> None:
     peer_shapes = parse_shapes(args.peer_shapes or args.shapes)
 
     device = torch.cuda.get_device_name()
-    peak = measure_matmul_flops()
-    print(f"{device}: bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    roofline = Roofline.measure()
+    peak = roofline.matmul_flops
+    print(f"{device}: {roofline.header()}")
 
     def measure_peers(save):
         result = bench_peers(args.model, peer_shapes, save)
@@ -164,11 +169,19 @@ def main() -> None:
             row["ours_graph_ms"] = bench(replay) if replay else None
             row["ours_replay_call_ms"] = call_ms(replay) if replay else None
             row["tflops"] = flops(model.config, batch, seq) / (row["ours_call_ms"] * 1e-3) / 1e12
+            row.update(
+                roofline.fields(
+                    row["ours_call_ms"] * 1e-3,
+                    weight_bytes(model, batch * seq),
+                    flops(model.config, batch, seq),
+                )
+            )
             row.update(peers.get(row["shape"], {}))
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\n{args.model} on {device}, bf16, ms per forward (lower is better)")
+    print(roofline.header())
     print(
         "plain call: model(ids, attention_mask=mask), each call on an idle GPU and synced; "
         "back to back: the same call under do_bench, as the HF peers were timed; graph replay: "
@@ -179,9 +192,9 @@ def main() -> None:
         "| batch x seq | ours plain call | back to back | its GPU kernels | cuda_graph=False "
         "| graph replay (synced) "
         "| HF eager | HF compile max-autotune | vs HF compile | vs HF eager "
-        "| plain / replay | TFLOP/s (% of matmul peak) |"
+        "| plain / replay | TFLOP/s (% of matmul peak) | roofline floor | % of roofline |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ours = r["ours_call_ms"]
         print(
@@ -191,7 +204,7 @@ def main() -> None:
             f"| {fmt(r.get('hf_eager_ms'), 3)} | {fmt(r.get('hf_compile_ms'), 3)} "
             f"| {ratio(r.get('hf_compile_ms'), ours)} | {ratio(r.get('hf_eager_ms'), ours, 1)} "
             f"| {ratio(ours, r.get('ours_replay_call_ms'))} "
-            f"| {r['tflops']:.0f} ({100 * r['tflops'] * 1e12 / peak:.0f}%) |"
+            f"| {r['tflops']:.0f} ({100 * r['tflops'] * 1e12 / peak:.0f}%) {roofline_cells(r)}"
         )
     if args.out:
         write_result(
@@ -199,6 +212,7 @@ def main() -> None:
             device,
             model=args.model,
             bf16_matmul_flops=peak,
+            copy_bandwidth_Bps=roofline.copy_Bps,
             plain_call_cuda_graph_option=opt_out,
             rows=rows,
         )

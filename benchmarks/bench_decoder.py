@@ -3,15 +3,18 @@
 Random weights at the real architecture (`zoo.load(name, pretrained=False)`), bf16, greedy.
 Every provider is timed the same way: generate(prompt, new) and generate(prompt, 1) (the prefill
 plus one token), each the median of a few runs after a warm-up; decode time per step is their
-difference over new - 1. The bandwidth fraction counts the bytes one decode step must read
-(weights + the KV cache at the mean context) over the copy bandwidth measured in the same run.
-Prefill is a full forward of 1 x 2048 tokens.
+difference over new - 1. The roofline line: a decode step must read the weights (an untied
+word embedding only for its B rows) and the KV cache at the mean context, and multiply every
+matmul weight once per row; its floor is the larger of those bytes over the copy bandwidth and
+those FLOPs over the bf16 matmul rate, both measured in the same run (common.Roofline), and the
+table gives our % of it. The same for the prefill, a full forward of 1 x 2048 tokens.
 
 HF peers (eager with its dynamic cache; static cache + torch.compile, which HF's generate compiles
 by itself) take minutes to compile: `--peers` measures them and stores them under
 benchmarks/results/, and later runs on the same GPU kind and versions reuse them.
 
     PYTHONPATH=. python benchmarks/bench_decoder.py --model llama3-8b [--peers] [--out out.json]
+    PYTHONPATH=. python benchmarks/bench_decoder.py --shapes 1x512x64,8x512x64,32x512x64 --graph-only
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS,
+    Roofline,
     attempt,
     fmt,
     gpu_tag,
     load_peers,
-    measure_copy_bandwidth,
-    measure_matmul_flops,
+    matmul_params,
     median_seconds,
     parse_shapes,
+    ratio,
+    roofline_cells,
+    weight_bytes,
     write_result,
 )
 
@@ -49,13 +55,34 @@ def decode_timing(generate, ids, new_tokens: int) -> tuple[float, float]:
     return (total - first) / (new_tokens - 1), first
 
 
+def _dims(config) -> tuple[int, int, int, int]:
+    """(layers, query heads, kv heads, head dim) of a decoder config (ours: Llama or GPT-2)."""
+    layers = getattr(config, "num_layers", getattr(config, "n_layer", None))
+    heads = getattr(config, "num_heads", getattr(config, "n_head", None))
+    kv_heads = getattr(config, "num_kv_heads", heads)
+    return layers, heads, kv_heads, config.head_dim
+
+
 def step_bytes(model, batch: int, context: float) -> float:
-    """Weights plus the K and V one decode step reads at this context length (bf16)."""
-    c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    layers = getattr(c, "num_layers", getattr(c, "n_layer", None))
-    kv_heads = getattr(c, "num_kv_heads", getattr(c, "n_head", None))
-    return weights + 2 * layers * batch * kv_heads * context * c.head_dim * 2
+    """Bytes one decode step reads: the weights (gathered tables: B rows) and K and V at this
+    context length, in the cache's dtype."""
+    layers, _, kv_heads, head_dim = _dims(model.config)
+    elem = next(model.parameters()).element_size()
+    return weight_bytes(model, batch) + 2 * layers * batch * kv_heads * context * head_dim * elem
+
+
+def step_flops(model, batch: int, context: float) -> float:
+    """Matmul FLOPs of one decode step: every weight once per row, plus q.K and p.V."""
+    layers, heads, _, head_dim = _dims(model.config)
+    return 2 * matmul_params(model) * batch + 4 * layers * batch * heads * context * head_dim
+
+
+def prefill_roofline(model, roofline: Roofline, tokens: int, seconds: float) -> dict:
+    """A forward of 1 x tokens (causal): the weights read once, every token through every matmul
+    weight, and the causal half of q.K and p.V."""
+    layers, heads, _, head_dim = _dims(model.config)
+    flops = 2 * matmul_params(model) * tokens + 2 * layers * heads * tokens * tokens * head_dim
+    return roofline.fields(seconds, weight_bytes(model, tokens), flops)
 
 
 def ours_generate(model, cuda_graph: bool):
@@ -130,13 +157,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x128x128,2x512x256", help="batch x prompt x new, ...")
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--peers", action="store_true", help="measure HF peers (minutes)")
+    parser.add_argument(
+        "--graph-only", action="store_true", help="time only the CUDA-graph decode (not eager)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shapes = parse_shapes(args.shapes)
 
     device = torch.cuda.get_device_name()
-    bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()
-    print(f"{device}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    roofline = Roofline.measure()
+    print(f"{device}: {roofline.header()}")
 
     def measure_peers(save):
         result = bench_peers(args.model, shapes, args.prefill, save)
@@ -162,49 +192,60 @@ def main() -> None:
         for batch, prompt, new in shapes:
             ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
             row = {"shape": f"{batch}x{prompt}x{new}"}
-            for provider, graph in (("ours_eager", False), ("ours_graph", True)):
+            providers = (("ours_graph", True),) + (
+                () if args.graph_only else (("ours_eager", False),)
+            )
+            for provider, graph in providers:
                 step_s, _ = decode_timing(ours_generate(model, graph), ids, new)
                 row[f"{provider}_ms_per_step"] = 1e3 * step_s
             step_s = row["ours_graph_ms_per_step"] * 1e-3
             row["tokens_per_s"] = batch / step_s
-            row["bandwidth_fraction"] = (
-                step_bytes(model, batch, prompt + new / 2) / step_s / bandwidth
-            )
+            context = prompt + new / 2  # mean context of the decode steps
+            bytes_moved = step_bytes(model, batch, context)
+            row["bandwidth_fraction"] = bytes_moved / step_s / roofline.copy_Bps
+            row.update(roofline.fields(step_s, bytes_moved, step_flops(model, batch, context)))
             if row["shape"] in peers["rows"]:
                 row.update(peers["rows"][row["shape"]])
             rows.append(row)
             print(json.dumps(row), flush=True)
 
+    prefill = prefill_roofline(model, roofline, args.prefill, prefill_ms * 1e-3)
     print(f"\n{args.model} on {device}, bf16, ms per decode step (lower is better)")
+    print(roofline.header())
     print(
         "| batch x prompt x new | ours (graph) | ours (eager) | HF eager | HF static+compile "
-        "| speedup vs compile | tok/s | % of bandwidth limit |"
+        "| speedup vs compile | tok/s | % of bandwidth limit | roofline floor ms | % of roofline |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         hf_e = r.get("hf_eager_ms_per_step")
         hf_c = r.get("hf_compile_ms_per_step")
         speedup = f"{hf_c / r['ours_graph_ms_per_step']:.2f}x" if hf_c else "n/a"
         print(
-            f"| {r['shape']} | {fmt(r['ours_graph_ms_per_step'])} | {fmt(r['ours_eager_ms_per_step'])} "
+            f"| {r['shape']} | {fmt(r['ours_graph_ms_per_step'])} "
+            f"| {fmt(r.get('ours_eager_ms_per_step'))} "
             f"| {fmt(hf_e)} | {fmt(hf_c)} | {speedup} | {r['tokens_per_s']:.0f} "
-            f"| {100 * r['bandwidth_fraction']:.0f}% |"
+            f"| {100 * r['bandwidth_fraction']:.0f}% {roofline_cells(r)}"
         )
     hf_prefill = peers.get("prefill_ms_eager")
     print(
         f"\nprefill 1x{args.prefill}: ours {prefill_ms:.1f} ms, HF eager "
-        f"{fmt(hf_prefill)} ms; first generate (compile + autotune + capture) {warmup_s:.1f} s"
+        f"{fmt(hf_prefill)} ms ({ratio(prefill_ms, hf_prefill)} of its time); roofline floor "
+        f"{prefill['floor_ms']:.1f} ms ({prefill['floor_bound']}), ours at "
+        f"{prefill['roofline_pct']:.0f}%; first generate (compile + autotune + capture) "
+        f"{warmup_s:.1f} s"
     )
     if args.out:
         write_result(
             args.out,
             device,
             model=args.model,
-            copy_bandwidth_Bps=bandwidth,
-            bf16_matmul_flops=flops,
+            copy_bandwidth_Bps=roofline.copy_Bps,
+            bf16_matmul_flops=roofline.matmul_flops,
             prefill_tokens=args.prefill,
             ours_prefill_ms=prefill_ms,
             hf_eager_prefill_ms=hf_prefill,
+            prefill_roofline=prefill,
             warmup_s=warmup_s,
             rows=rows,
         )

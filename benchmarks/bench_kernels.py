@@ -5,7 +5,9 @@ count: this measures the kernels alone. The matmul peer is torch.nn.functional.l
 bias fused, no activation or residual), ours runs the model's full epilogue; attention's peer is
 scaled_dot_product_attention (flash) in its native [B, H, T, D] layout, ours reads the
 [B, T, H, D] views the models pass. `--paths` also times our matmul with the TMA kernel turned
-off, and `--configs` prints the autotuner's time per tile config.
+off, and `--configs` prints the autotuner's time per tile config. Each table has a roofline
+line: the floor of each case (its bytes over the measured copy bandwidth or its FLOPs over the
+measured bf16 matmul rate, the larger) and ours' and the peer's % of it.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs]
 """
@@ -22,7 +24,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import measure_matmul_flops, write_result  # noqa: E402
+from common import Roofline, write_result  # noqa: E402
 
 import kernels.attention as attention_module  # noqa: E402
 import kernels.matmul as matmul_module  # noqa: E402
@@ -68,7 +70,7 @@ def tuned_timings(tuner) -> str:
     )
 
 
-def matmul_case(case, paths: bool, configs: bool) -> dict:
+def matmul_case(case, roofline: Roofline, paths: bool, configs: bool) -> dict:
     label, m, n_w, k, activation, has_bias, has_residual = case
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(m, k, device=dev, dtype=dt)
@@ -99,10 +101,14 @@ def matmul_case(case, paths: bool, configs: bool) -> dict:
             matmul_module._TMA_MIN_M_BUCKET = saved
     row["ours_tflops"] = flops / (row["ours_us"] * 1e-6) / 1e12
     row["cublas_tflops"] = flops / (row["cublas_us"] * 1e-6) / 1e12
+    # x, the weight and the output once (and the residual and bias where the epilogue reads them)
+    elems = m * k + n_w * k + m * n * (2 if has_residual else 1) + (n_w if has_bias else 0)
+    row.update(roofline.fields(row["ours_us"] * 1e-6, elems * x.element_size(), flops))
+    row["cublas_roofline_pct"] = roofline.percent(row["cublas_us"] * 1e-6, elems * 2, flops)
     return row
 
 
-def attention_case(case, configs: bool) -> dict:
+def attention_case(case, roofline: Roofline, configs: bool) -> dict:
     label, batch, seq, heads, head_dim, causal = case
     dev, dt = "cuda", torch.bfloat16
     qkv = torch.randn(batch, seq, 3, heads, head_dim, device=dev, dtype=dt)
@@ -125,6 +131,9 @@ def attention_case(case, configs: bool) -> dict:
     row["ours_us"] = 1e3 * bench(ours)
     row["ours_tflops"] = flops / (row["ours_us"] * 1e-6) / 1e12
     row["sdpa_tflops"] = flops / (row["sdpa_us"] * 1e-6) / 1e12
+    bytes_moved = 4 * batch * seq * heads * head_dim * q.element_size()  # q, k, v and out
+    row.update(roofline.fields(row["ours_us"] * 1e-6, bytes_moved, flops))
+    row["sdpa_roofline_pct"] = roofline.percent(row["sdpa_us"] * 1e-6, bytes_moved, flops)
     return row
 
 
@@ -135,34 +144,50 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
-    peak = measure_matmul_flops()
-    print(f"{device}: bf16 matmul {peak / 1e12:.0f} TFLOP/s (8192^3, cuBLAS)")
+    roofline = Roofline.measure()
+    print(f"{device}: {roofline.header()}")
 
-    matmuls = [matmul_case(case, args.paths, args.configs) for case in MATMULS]
+    matmuls = [matmul_case(case, roofline, args.paths, args.configs) for case in MATMULS]
     print(
         "\n| matmul (bf16) | M x N x K | cuBLAS us | ours us | ours / cuBLAS speed |"
         + (" pointer kernel us |" if args.paths else "")
-        + " ours TFLOP/s |"
+        + " ours TFLOP/s | floor us | ours % of roofline | cuBLAS % of roofline |"
     )
-    print("| --- | --- | --- | --- | --- |" + (" --- |" if args.paths else "") + " --- |")
+    print(
+        "| --- | --- | --- | --- | --- |"
+        + (" --- |" if args.paths else "")
+        + " --- | --- | --- | --- |"
+    )
     for r in matmuls:
         pointer = f" {r['pointer_us']:.1f} |" if args.paths else ""
         print(
             f"| {r['case']} | {r['M']}x{r['N']}x{r['K']} | {r['cublas_us']:.1f} "
             f"| {r['ours_us']:.1f} | {r['cublas_us'] / r['ours_us']:.2f}x |{pointer} "
-            f"{r['ours_tflops']:.0f} |"
+            f"{r['ours_tflops']:.0f} | {1e3 * r['floor_ms']:.1f} | {r['roofline_pct']:.0f}% "
+            f"| {r['cublas_roofline_pct']:.0f}% |"
         )
 
-    attentions = [attention_case(case, args.configs) for case in ATTENTIONS]
-    print("\n| attention (bf16) | SDPA flash us | ours us | ours / SDPA speed | ours TFLOP/s |")
-    print("| --- | --- | --- | --- | --- |")
+    attentions = [attention_case(case, roofline, args.configs) for case in ATTENTIONS]
+    print(
+        "\n| attention (bf16) | SDPA flash us | ours us | ours / SDPA speed | ours TFLOP/s "
+        "| floor us | ours % of roofline | SDPA % of roofline |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in attentions:
         print(
             f"| {r['case']} | {r['sdpa_us']:.1f} | {r['ours_us']:.1f} "
-            f"| {r['sdpa_us'] / r['ours_us']:.2f}x | {r['ours_tflops']:.0f} |"
+            f"| {r['sdpa_us'] / r['ours_us']:.2f}x | {r['ours_tflops']:.0f} "
+            f"| {1e3 * r['floor_ms']:.1f} | {r['roofline_pct']:.0f}% | {r['sdpa_roofline_pct']:.0f}% |"
         )
     if args.out:
-        write_result(args.out, device, bf16_matmul_flops=peak, matmul=matmuls, attention=attentions)
+        write_result(
+            args.out,
+            device,
+            bf16_matmul_flops=roofline.matmul_flops,
+            copy_bandwidth_Bps=roofline.copy_Bps,
+            matmul=matmuls,
+            attention=attentions,
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Random weights at the real architecture (`zoo.load(name, pretrained=False)`), bf
 fixed number of new tokens (EOS ignored). The time is a whole generate call (encoder, then every
 decoder step), the median of a few runs after a warm-up, for ours and for HF eager and HF with a
 static cache + torch.compile (HF's generate compiles the decoder forward itself). `--peers`
-measures the HF numbers into benchmarks/results/, later runs reuse them.
+measures the HF numbers into benchmarks/results/, later runs reuse them. The roofline floor of a
+call is the encoder's (its FLOPs or its weights' bytes, whichever takes longer at the limits
+measured in the run) plus, per new token, the decoder step's (its weights, the head and the
+self- and cross-attention caches read once).
 
     PYTHONPATH=. python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 [--peers]
 """
@@ -22,11 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS,
+    Roofline,
     attempt,
     fmt,
     gpu_tag,
+    head_weight,
     load_peers,
     median_seconds,
+    roofline_cells,
     write_result,
 )
 
@@ -67,6 +73,44 @@ def bench_peers(name: str, batch: int, seq: int, new: int) -> dict:
     return result
 
 
+def _linear_params(module: torch.nn.Module) -> int:
+    return sum(
+        p.numel()
+        for m in module.modules()
+        if not isinstance(m, torch.nn.Embedding)
+        for p in m.parameters(recurse=False)
+        if p.dim() == 2
+    )
+
+
+def generate_floor(model, roofline: Roofline, batch: int, seq: int, new: int) -> dict:
+    """Roofline of generate(): the encoder pass (with the cross-attention K/V projections, done
+    once), then `new` decoder steps at the mean decoder length, the phases one after the other."""
+    c = model.config
+    elem = next(model.parameters()).element_size()
+    inner = c.num_heads * c.d_kv
+    cross_kv = sum(layer.cross.kv.weight.numel() for layer in model.decoder.layers)
+    encoder = _linear_params(model.encoder) + cross_kv
+    step = _linear_params(model.decoder) - cross_kv + head_weight(model).numel()
+    tokens = batch * seq
+    encoder_flops = 2 * encoder * tokens + 4 * c.num_layers * tokens * seq * inner
+    context = seq + new / 2  # cross-attention keys plus the mean self-attention length
+    cache = 2 * c.num_decoder_layers * batch * context * inner
+    bytes_moved = (encoder + new * (step + cache)) * elem
+    flops = encoder_flops + new * (2 * step * batch + 2 * cache)
+    floor_s = roofline.floor_s(encoder * elem, encoder_flops) + new * roofline.floor_s(
+        (step + cache) * elem, 2 * step * batch + 2 * cache
+    )
+    # the fields of a floor that sums two phases, each at its own bound
+    bound = roofline.bound(bytes_moved, flops)
+    return {
+        "floor_ms": 1e3 * floor_s,
+        "floor_bound": bound,
+        "bytes_moved": bytes_moved,
+        "flops": flops,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="t5-base")
@@ -84,6 +128,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         return {"rows": {shape: result}}
 
+    roofline = Roofline.measure()
     peers_path = RESULTS / f"{gpu_tag()}_{args.model}_hf_peers.json"
     peers = load_peers(peers_path, measure_peers if args.peers else None)
     peer_row = peers.get("rows", {}).get(shape, {})
@@ -104,17 +149,22 @@ def main() -> None:
                 )
             )
             row[f"{provider}_ms"] = 1e3 * seconds
+    row.update(generate_floor(model, roofline, args.batch, args.input, args.new))
+    row["roofline_pct"] = 100 * row["floor_ms"] / row["ours_graph_ms"]
     print(json.dumps(row))
     compiled = row.get("hf_compile_ms")
     speedup = f"{compiled / row['ours_graph_ms']:.2f}x" if compiled else "n/a"
     print(f"\n{args.model} on {torch.cuda.get_device_name()}, bf16, ms per generate call")
+    print(roofline.header())
     print(
-        "| batch x input x new | ours (graph) | ours (eager) | HF eager | HF static+compile | vs compile |"
+        "| batch x input x new | ours (graph) | ours (eager) | HF eager | HF static+compile "
+        "| vs compile | roofline floor | % of roofline |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {shape} | {fmt(row['ours_graph_ms'], 1)} | {fmt(row['ours_eager_ms'], 1)} "
-        f"| {fmt(row.get('hf_eager_ms'), 1)} | {fmt(compiled, 1)} | {speedup} |"
+        f"| {fmt(row.get('hf_eager_ms'), 1)} | {fmt(compiled, 1)} | {speedup} "
+        f"{roofline_cells(row, 2)}"
     )
     if args.out:
         write_result(args.out, torch.cuda.get_device_name(), **row)

@@ -6,6 +6,9 @@ the first token; steady state: median of --repeats calls after warm-up calls tha
 autotune and capture) and of the plain forward `model(ids)` (logits of every position), each
 beside the GPU time of one call: the summed durations of the kernels it runs in a
 torch.profiler trace. wall / GPU is what the host adds (launches, checks, syncs, idle gaps).
+The roofline line: the forward's floor (bench_decoder.prefill_roofline: its matmul FLOPs over
+the measured matmul rate or its weights over the measured copy bandwidth, the larger) and the
+plain forward's and the TTFT's % of it.
 
 HF peers, stored in benchmarks/results/<gpu>_<model>_hf_peers.json (rows "ttft 1x<prompt>",
 beside bench_decoder.py's rows; measured only with --peers): generate(max_new_tokens=1) eager
@@ -29,15 +32,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decoder import hf_generate, load_hf  # noqa: E402
+from bench_decoder import hf_generate, load_hf, prefill_roofline  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
+    Roofline,
     attempt,
     fmt,
     gpu_kernel_ms,
     gpu_tag,
     load_peers,
     ratio,
+    roofline_cells,
     write_result,
 )
 
@@ -106,6 +111,7 @@ def main() -> None:
     prompts = [int(p) for p in args.prompts.split(",")]
 
     device = torch.cuda.get_device_name()
+    roofline = Roofline.measure()
 
     def measure_peers(save):
         result = bench_peers(args, prompts, save)
@@ -145,10 +151,15 @@ def main() -> None:
             row["ours_forward_ms"] = wall_ms(forward, args.warmup, args.repeats)
             row["ours_forward_gpu_ms"], row["forward_kernels"] = gpu_kernel_ms(forward)
             row.update(peer_row(peers, prompt))
+            row.update(prefill_roofline(model, roofline, prompt, row["ours_forward_ms"] * 1e-3))
+            row["ttft_roofline_pct"] = roofline.percent(
+                row["ours_ttft_ms"] and row["ours_ttft_ms"] * 1e-3, row["bytes_moved"], row["flops"]
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\n{args.model} on {device}, bf16, batch 1, ms (lower is better)")
+    print(roofline.header())
     print(
         "TTFT: wall time of generate(ids, max_new_tokens=1); GPU: summed kernel time of one call "
         "(torch.profiler; with dependent launches a kernel's time includes its wait for the one "
@@ -157,10 +168,13 @@ def main() -> None:
     print(
         "| prompt | ours TTFT | its GPU time | wall / GPU | HF eager TTFT | HF static+compile TTFT "
         "| vs HF compile | ours forward | its GPU time | wall / GPU | HF eager forward "
-        "| vs HF eager |"
+        "| vs HF eager | roofline floor | forward % of roofline | TTFT % of roofline |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for r in rows:
+        ttft_pct = "n/a" if r["ttft_roofline_pct"] is None else f"{r['ttft_roofline_pct']:.0f}%"
         print(
             f"| {r['shape']} | {fmt(r['ours_ttft_ms'])} | {fmt(r['ours_ttft_gpu_ms'])} "
             f"| {ratio(r['ours_ttft_ms'], r['ours_ttft_gpu_ms'])} "
@@ -169,7 +183,8 @@ def main() -> None:
             f"| {fmt(r['ours_forward_ms'])} | {fmt(r['ours_forward_gpu_ms'])} "
             f"| {ratio(r['ours_forward_ms'], r['ours_forward_gpu_ms'])} "
             f"| {fmt(r.get('hf_eager_forward_ms'))} "
-            f"| {ratio(r.get('hf_eager_forward_ms'), r['ours_forward_ms'])} |"
+            f"| {ratio(r.get('hf_eager_forward_ms'), r['ours_forward_ms'])} "
+            f"{roofline_cells(r, 2)} {ttft_pct} |"
         )
     if args.out:
         write_result(args.out, device, model=args.model, batch=1, rows=rows)

@@ -8,6 +8,7 @@ import os
 import re
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,101 @@ def measure_matmul_flops() -> float:
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
     return 2 * 8192**3 / (ms * 1e-3)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The card's limits measured in this run: a device-to-device copy's bandwidth and a large
+    bf16 matmul's rate. A workload's floor is the larger of its bytes over the bandwidth and its
+    FLOPs over the matmul rate; `percent` is how close a measured time comes to that floor."""
+
+    copy_Bps: float
+    matmul_flops: float
+
+    @classmethod
+    def measure(cls) -> Roofline:
+        return cls(measure_copy_bandwidth(), measure_matmul_flops())
+
+    def floor_s(self, bytes_moved: float, flops: float) -> float:
+        return max(bytes_moved / self.copy_Bps, flops / self.matmul_flops)
+
+    def bound(self, bytes_moved: float, flops: float) -> str:
+        """'memory' or 'compute': which of the two limits sets the floor."""
+        return "memory" if bytes_moved / self.copy_Bps >= flops / self.matmul_flops else "compute"
+
+    def percent(self, seconds: float | None, bytes_moved: float, flops: float) -> float | None:
+        """Our % of the roofline: floor / measured time (100 is the hardware's limit)."""
+        if seconds is None or seconds <= 0:
+            return None
+        return 100 * self.floor_s(bytes_moved, flops) / seconds
+
+    def header(self) -> str:
+        return (
+            f"roofline: copy {self.copy_Bps / 1e12:.2f} TB/s, bf16 matmul "
+            f"{self.matmul_flops / 1e12:.0f} TFLOP/s (both measured in this run)"
+        )
+
+    def fields(self, seconds: float | None, bytes_moved: float, flops: float) -> dict:
+        """A table row's roofline numbers: the floor (ms), what bounds it and our % of it."""
+        return {
+            "floor_ms": 1e3 * self.floor_s(bytes_moved, flops),
+            "floor_bound": self.bound(bytes_moved, flops),
+            "roofline_pct": self.percent(seconds, bytes_moved, flops),
+            "bytes_moved": bytes_moved,
+            "flops": flops,
+        }
+
+
+def roofline_cells(row: dict, digits: int = 3) -> str:
+    """'| floor ms (bound) | % |' cells of a row that holds Roofline.fields."""
+    pct = row.get("roofline_pct")
+    return (
+        f"| {row['floor_ms']:.{digits}f} ({row['floor_bound']}) "
+        f"| {f'{pct:.0f}%' if pct is not None else 'n/a'} |"
+    )
+
+
+def head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The output head's weight of a language model (a tied head is the word embedding), or None
+    (an encoder such as Bert)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return head.weight
+    for name in ("embed", "wte", "shared"):  # the word embedding of our decoders and T5
+        if hasattr(model, name):
+            return getattr(model, name).weight
+    return None
+
+
+def _gathered_only(model: torch.nn.Module) -> set[int]:
+    """ids of the embedding tables read only by row gathers (never by a matmul)."""
+    head = head_weight(model)
+    return {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.weight is not head
+    }
+
+
+def weight_bytes(model: torch.nn.Module, rows_gathered: int) -> float:
+    """Bytes of weights a forward reads: every parameter once, except that a table read only by
+    row gathers (an untied word embedding, position tables) counts only the rows it serves."""
+    gathered = _gathered_only(model)
+    total = 0.0
+    for p in {id(p): p for p in model.parameters()}.values():
+        if id(p) in gathered:
+            total += min(rows_gathered, p.shape[0]) * p[0].numel() * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights each token multiplies (2 FLOPs apiece): every 2D parameter except the tables read
+    only by row gathers (a tied head counts once, as the head)."""
+    gathered = _gathered_only(model)
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.dim() == 2 and id(p) not in gathered)
 
 
 def median_seconds(fn, repeats: int = 3) -> float:

@@ -21,6 +21,11 @@
 #   launch    the host cost of kernel launches (benchmarks/bench_launch.py, where present)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
+#   speed     the kernel options measured (benchmarks/bench_options.py: epilogue variants of the
+#             large-M matmul + activation vs cuBLAS, decode tables at Llama-3-8B's batch 1..128),
+#             then under the winning options (or SPEED_OPTIONS="..." given as ZOO_KERNELS):
+#             Llama-3-8B decode at batch 1/8/32/64/128 (prompt 512, 64 new) with the 1x2048
+#             prefill, and Bert-base at 8x512 and 32x512, each with its roofline line
 # Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
 # call); every stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
@@ -98,6 +103,14 @@ for stage in "$@"; do
       python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     kernels)
       python benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    speed)
+      python benchmarks/bench_options.py --out "$OUT/bench_options.json" --options-out "$OUT/kernel_options.txt" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== options measured at ${SECONDS}s"
+      opts=${SPEED_OPTIONS-$(cat "$OUT/kernel_options.txt" 2>/dev/null)}
+      echo "ZOO_KERNELS=$opts" | tee -a "$OUT/bench.log"
+      ZOO_KERNELS=$opts python benchmarks/bench_decoder.py --model llama3-8b --shapes 1x512x64,8x512x64,32x512x64,64x512x64,128x512x64 --graph-only --out "$OUT/bench_decode_batches.json" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== decode measured at ${SECONDS}s"
+      ZOO_KERNELS=$opts python benchmarks/bench_bert.py --model bert-base-uncased --shapes 8x512,32x512 --out "$OUT/bench_bert_speed.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     embed)
       stored_peers embed
       python benchmarks/bench_embed.py --model bert-base-uncased $peers --out "$OUT/bench_embed.json" 2>&1 | tee -a "$OUT/bench.log" ;;

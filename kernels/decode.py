@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+import kernels.utils
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.softmax import LOG2E, online_softmax_step
 from kernels.utils import (
@@ -215,12 +216,26 @@ def _launch_config(block_d: int, elem_size: int) -> tuple[int, int, int]:
 def _default_num_splits(B: int, Hkv: int, S_max: int, block_n: int, device: torch.device) -> int:
     """From shapes only (CUDA graphs): about one wave of programs, >= one block of keys each
     (on an H200 in bf16, B=32 x Hkv=8 ran faster unsplit than in 2 splits; B=1 x Hkv=8 best at
-    16)."""
+    16). With the kernel option decode_split_table: _table_num_splits."""
     max_splits = triton.cdiv(S_max, block_n)
     if INTERPRET:
         return min(max_splits, 2)
-    target = num_sms(device)
-    return max(1, min(triton.cdiv(target, B * Hkv), max_splits, 128))
+    sms = num_sms(device)
+    if kernels.utils.KERNEL_OPTIONS["decode_split_table"]:
+        return _table_num_splits(B * Hkv, S_max, block_n, sms)
+    return max(1, min(triton.cdiv(sms, B * Hkv), max_splits, 128))
+
+
+# Split-KV table for decode batches (kernel option decode_split_table): programs enough for
+# several per SM at every batch, so that more of the cache's loads are in flight at once.
+_TABLE_PROGRAMS_PER_SM = 4
+
+
+def _table_num_splits(kv_rows: int, S_max: int, block_n: int, sms: int) -> int:
+    """Splits of the table for kv_rows = B * Hkv (cache rows, one program each per split): up to
+    _TABLE_PROGRAMS_PER_SM programs per SM, each split at least one block of keys, <= 128."""
+    wanted = triton.cdiv(_TABLE_PROGRAMS_PER_SM * sms, kv_rows)
+    return max(1, min(wanted, triton.cdiv(S_max, block_n), 128))
 
 
 def decode_attention(

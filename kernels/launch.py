@@ -53,18 +53,22 @@ def clear_plans() -> None:
 
 class PlanCache(dict):
     """Plans by signature. Bounded: a workload that keeps changing shapes starts over rather than
-    growing without end. Plans hold the PDL choice: switching kernels.utils.PDL drops them."""
+    growing without end. Plans hold the PDL choice and the kernel options: switching
+    kernels.utils.PDL or calling kernels.utils.set_kernel_options drops them."""
 
     def __init__(self, max_plans: int = 4096) -> None:
         super().__init__()
         self.max_plans = max_plans
         self.pdl = kernels.utils.PDL
+        self.options = kernels.utils.KERNEL_OPTIONS
         _plan_caches.append(self)
 
     def get(self, key, default=None):
-        if self.pdl != kernels.utils.PDL:
+        # identity, not equality: set_kernel_options binds a new dict (cheap on every launch)
+        if self.pdl != kernels.utils.PDL or self.options is not kernels.utils.KERNEL_OPTIONS:
             self.clear()
             self.pdl = kernels.utils.PDL
+            self.options = kernels.utils.KERNEL_OPTIONS
         return dict.get(self, key, default)
 
     def put(self, key, plan):

@@ -21,6 +21,11 @@ N; K), and skinny-M problems (decode) that would leave SMs idle are split along 
 go to a workspace and a small epilogue kernel sums them. Large-M fp16/bf16 problems (prefill,
 Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper. Under the Triton
 interpreter fixed configs are used and there is no split-K; the TMA kernel runs there too.
+
+Choices still being measured are kernel options (kernels.utils.KERNEL_OPTIONS, off by default):
+the decode table (M buckets 32..128: one row block per batch, K split to fill the SMs) and the TMA
+kernel's epilogue variants (the accumulator in 2 or 4 column slices, TMA stores, warp
+specialization).
 """
 
 import functools
@@ -30,6 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+import kernels.utils
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     INTERPRET,
@@ -106,6 +112,33 @@ def _epilogue(
     FUSED_GATE: tl.constexpr,
 ):
     """out = residual + alpha * act(acc + bias) [* (acc_up + bias_up)], in fp32, one rounding."""
+    y = _epilogue_values(
+        acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha, ACTIVATION,
+        HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+    )  # fmt: skip
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue_values(
+    acc,
+    acc_up,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    bias_ptr,
+    res_ptr,
+    res_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+):
+    """residual + alpha * act(acc + bias) [* (acc_up + bias_up)] in fp32 (not yet rounded)."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_BIAS:
@@ -122,8 +155,7 @@ def _epilogue(
             res_ptr + offs_m[:, None] * res_stride_m + offs_n[None, :], mask=mask, other=0.0
         )
         y = y + res.to(tl.float32)
-    out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    return y
 
 
 @triton.jit
@@ -188,6 +220,7 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,  # with PDL: weight columns pulled into L2 before the wait (0: none)
+    CONFIG_TABLE: tl.constexpr = "default",  # autotune key only: the config table it was tuned from
 ):
     pid_m, pid_n = _grouped_tile(
         tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M
@@ -251,12 +284,101 @@ def _matmul_kernel(
 
 
 @triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right column halves of a [BLOCK_M, BLOCK_N] tile (registers, no copy)."""
+    acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+    return tl.split(acc)
+
+
+@triton.jit
+def _tma_epilogue_slice(
+    acc,
+    acc_up,
+    off_m,
+    off_n,
+    M,
+    N,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    out_desc,
+    res_stride_m,
+    out_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    SLICE_M: tl.constexpr,
+    SLICE_N: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+):
+    """The epilogue of output columns [off_n, off_n + SLICE_N) of a tile: stored with masked
+    pointer stores, or through the output's TMA descriptor (which clips the edges itself)."""
+    offs_m = off_m.to(tl.int64) + tl.arange(0, SLICE_M)
+    offs_n = off_n.to(tl.int64) + tl.arange(0, SLICE_N)
+    if TMA_STORE:
+        y = _epilogue_values(
+            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha,
+            ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+        )  # fmt: skip
+        out_desc.store([off_m, off_n], y.to(out_desc.dtype))
+    else:
+        _epilogue(
+            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
+            out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _tma_epilogue_halves(
+    acc,
+    acc_up,
+    off_m,
+    off_n,
+    M,
+    N,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    out_desc,
+    res_stride_m,
+    out_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    SLICE_M: tl.constexpr,
+    SLICE_N: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+):
+    """The epilogue of a [SLICE_M, SLICE_N] slice at off_n, one column half after the other."""
+    HALF: tl.constexpr = SLICE_N // 2
+    acc_0, acc_1 = _halves(acc, SLICE_M, SLICE_N)
+    up_0, up_1 = acc_0, acc_1  # unread unless FUSED_GATE
+    if FUSED_GATE:
+        up_0, up_1 = _halves(acc_up, SLICE_M, SLICE_N)
+    _tma_epilogue_slice(
+        acc_0, up_0, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc, res_stride_m,
+        out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE, SLICE_M, HALF,
+        TMA_STORE,
+    )  # fmt: skip
+    _tma_epilogue_slice(
+        acc_1, up_1, off_m, off_n + HALF, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+        res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+        SLICE_M, HALF, TMA_STORE,
+    )  # fmt: skip
+
+
+@triton.jit
 def _matmul_tma_kernel(
     x_desc,  # TMA descriptor of x [M, K], block [BLOCK_M, BLOCK_K]
     w_desc,  # TMA descriptor of the weight [N or 2N, K], block [BLOCK_N, BLOCK_K]
     bias_ptr,
     res_ptr,
     out_ptr,
+    out_desc,  # with TMA_STORE: descriptor of out [M, N], block [BLOCK_M, BLOCK_N // SUBTILE]
     M,
     N,
     K,
@@ -274,16 +396,27 @@ def _matmul_tma_kernel(
     GROUP_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # grid size only: num_programs = PROGRAMS_PER_SM * SMs
     USE_PDL: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr = 1,  # the epilogue in 1, 2 or 4 column slices
+    TMA_STORE: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Persistent variant for compute-bound shapes (fp16/bf16, Hopper): each program walks the
     output tiles num_programs apart. TMA fetches the tiles, and out-of-bounds rows and columns
     read as 0, so the K loop has no masks. The tile and K loops are flattened into one
-    software pipeline that prefetches the next tile's operands while this tile's epilogue runs."""
+    software pipeline that prefetches the next tile's operands while this tile's epilogue runs.
+    EPILOGUE_SUBTILE > 1 runs the epilogue slice by slice (fewer live registers, each slice's
+    store overlapping the next slice's math), as Triton's persistent-matmul tutorial does."""
     wait_for_previous_grid(USE_PDL)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+    for tile in tl.range(
+        tl.program_id(0),
+        num_pid_m * num_pid_n,
+        tl.num_programs(0),
+        flatten=True,
+        warp_specialize=WARP_SPECIALIZE,
+    ):
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -296,12 +429,34 @@ def _matmul_tma_kernel(
             if FUSED_GATE:
                 # gate rows past N read up rows (or zeros): those columns are never stored
                 acc_up = tl.dot(x, w_desc.load([N + off_n, off_k]).T, acc_up)
-        offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
-        offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
-        _epilogue(
-            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
-            out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-        )  # fmt: skip
+        if EPILOGUE_SUBTILE == 1:
+            _tma_epilogue_slice(
+                acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, BLOCK_N, TMA_STORE,
+            )  # fmt: skip
+        elif EPILOGUE_SUBTILE == 2:
+            _tma_epilogue_halves(
+                acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, BLOCK_N, TMA_STORE,
+            )  # fmt: skip
+        else:  # 4 slices: the halves of each half
+            HALF: tl.constexpr = BLOCK_N // 2
+            acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
+            up_0, up_1 = acc_0, acc_1  # unread unless FUSED_GATE
+            if FUSED_GATE:
+                up_0, up_1 = _halves(acc_up, BLOCK_M, BLOCK_N)
+            _tma_epilogue_halves(
+                acc_0, up_0, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, HALF, TMA_STORE,
+            )  # fmt: skip
+            _tma_epilogue_halves(
+                acc_1, up_1, off_m, off_n + HALF, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, HALF, TMA_STORE,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -376,6 +531,31 @@ _LARGE_CONFIGS = [  # prefill, Bert: compute bound
     _config(128, 256, 64, 4, 8),
     _config(256, 128, 64, 3, 8),
 ]
+# Decode batches, M buckets 32..128 (kernel option matmul_decode_table): one row block spans the
+# whole batch, so each weight tile leaves HBM once per step, and K is split until the column
+# blocks fill the SMs (_decode_split_k).
+_DECODE_CONFIGS = {
+    32: [
+        _config(32, 64, 128, 4, 4),
+        _config(32, 32, 256, 3, 4),
+        _config(32, 64, 256, 3, 4),
+        _config(32, 128, 128, 3, 4),
+    ],
+    64: [
+        _config(64, 64, 128, 4, 4),
+        _config(64, 32, 128, 4, 4),
+        _config(64, 64, 256, 3, 8),
+        _config(64, 128, 64, 4, 4),
+    ],
+    128: [
+        _config(128, 64, 64, 4, 4),
+        _config(128, 64, 128, 3, 8),
+        _config(128, 32, 128, 4, 4),
+        _config(128, 128, 64, 3, 8),
+    ],
+}
+_DECODE_BLOCK_N = 64  # the column block _decode_split_k sizes the split for
+_DECODE_MIN_K_SLICE = 512  # K each slice keeps at least
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _INTERPRET_TMA_CONFIG = {
@@ -406,7 +586,9 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     m_bucket, n, k = args["M_BUCKET"], args["N"], args["K"]
     n_acc = 2 if args["FUSED_GATE"] else 1
-    if m_bucket <= 16:
+    if args.get("CONFIG_TABLE") == "decode":
+        bucket = _DECODE_CONFIGS[m_bucket]
+    elif m_bucket <= 16:
         bucket = _SKINNY_CONFIGS
     elif m_bucket <= 64:
         bucket = _MEDIUM_CONFIGS
@@ -424,8 +606,11 @@ def _prune_configs(configs, named_args, **kwargs):
 
 def _set_tma_blocks(nargs):
     """A config's tile shape is the TMA descriptors' block shape (set before each launch)."""
-    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    x_block, w_block, out_block = _tma_blocks(nargs)
+    nargs["x_desc"].block_shape = x_block
+    nargs["w_desc"].block_shape = w_block
+    if nargs["out_desc"] is not None:
+        nargs["out_desc"].block_shape = out_block
 
 
 def _tma_config(
@@ -451,6 +636,7 @@ _TMA_CONFIGS = [  # persistent TMA kernel, M > _TMA_MIN_M_BUCKET, fp16/bf16
     _tma_config(128, 256, 64, 4, 8),
     _tma_config(256, 128, 64, 3, 8),
     _tma_config(128, 128, 64, 4, 8),
+    _tma_config(128, 128, 64, 3, 8),  # 8 warps, both accumulators of a gated tile in registers
     _tma_config(128, 128, 64, 4, 4),
     _tma_config(128, 64, 64, 4, 4),
     _tma_config(64, 256, 64, 4, 4),
@@ -493,8 +679,18 @@ _matmul_kernel_tuned = (
     else triton.autotune(
         configs=_SKINNY_CONFIGS
         + _MEDIUM_CONFIGS
-        + _LARGE_CONFIGS,  # _prune_configs picks the bucket
-        key=["M_BUCKET", "N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL", "SPLIT_K"],
+        + _LARGE_CONFIGS
+        + [c for table in _DECODE_CONFIGS.values() for c in table],  # _prune_configs picks
+        key=[
+            "M_BUCKET",
+            "N",
+            "K",
+            "ACTIVATION",
+            "FUSED_GATE",
+            "HAS_RESIDUAL",
+            "SPLIT_K",
+            "CONFIG_TABLE",
+        ],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
         restore_value=["out_ptr"],
@@ -507,7 +703,17 @@ _matmul_tma_kernel_tuned = (
     if INTERPRET
     else triton.autotune(
         configs=_TMA_CONFIGS,
-        key=["M_BUCKET", "N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL"],
+        key=[
+            "M_BUCKET",
+            "N",
+            "K",
+            "ACTIVATION",
+            "FUSED_GATE",
+            "HAS_RESIDUAL",
+            "EPILOGUE_SUBTILE",
+            "TMA_STORE",
+            "WARP_SPECIALIZE",
+        ],
         prune_configs_by={"early_config_prune": _prune_tma_configs},
         restore_value=["out_ptr"],
         do_bench=_bench_cudagraph,
@@ -518,6 +724,26 @@ _matmul_tma_kernel_tuned = (
 _tuned_configs: dict[tuple, triton.Config] = {}
 
 
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """TMA reaches a 2D tensor with a 16-byte aligned base and row stride, unit column stride."""
+    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
+def _tma_variant(out: torch.Tensor | None, n: int, elem_bytes: int) -> dict:
+    """The TMA kernel's epilogue constexprs from the kernel options; TMA stores only where the
+    output (given, or a fresh contiguous one) can be addressed by TMA."""
+    options = kernels.utils.KERNEL_OPTIONS
+    if out is None:
+        store_ok = n * elem_bytes % 16 == 0
+    else:
+        store_ok = _tma_addressable(_as_rows("out", out, n, view_only=True))
+    return {
+        "EPILOGUE_SUBTILE": options["epilogue_subtile"],
+        "TMA_STORE": bool(options["tma_store"]) and store_ok,
+        "WARP_SPECIALIZE": bool(options["warp_specialize"]),
+    }
+
+
 def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
     """Large-M fp16/bf16 problems on Hopper (and under the interpreter), when TMA can address
     both operands: 16-byte aligned bases and row strides."""
@@ -525,13 +751,29 @@ def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
         return False
     if not (INTERPRET or is_hopper_or_newer(x2.device)):
         return False
-    return all(
-        t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x2, weight)
-    )
+    return _tma_addressable(x2) and _tma_addressable(weight)
+
+
+def _config_table(m_bucket: int) -> str:
+    """'decode' where the decode table is on and covers the M bucket, else 'default'."""
+    on = kernels.utils.KERNEL_OPTIONS["matmul_decode_table"]
+    return "decode" if on and m_bucket in _DECODE_CONFIGS else "default"
+
+
+def _decode_split_k(n: int, k: int, sms: int) -> int:
+    """K slices of a decode-table matmul: the column blocks alone would leave SMs idle, so split
+    K in halves while that is still true and each slice keeps >= _DECODE_MIN_K_SLICE (<= 8)."""
+    tiles = triton.cdiv(n, _DECODE_BLOCK_N)
+    split_k = 1
+    while tiles * split_k < sms and k // (2 * split_k) >= _DECODE_MIN_K_SLICE and split_k < 8:
+        split_k *= 2
+    return split_k
 
 
 @functools.lru_cache(maxsize=4096)  # called per launch, from shapes only
-def _pick_split_k(m_bucket: int, n: int, k: int, device: torch.device) -> int:
+def _pick_split_k(
+    m_bucket: int, n: int, k: int, device: torch.device, table: str = "default"
+) -> int:
     """Split K for skinny M when the output tiles alone would leave SMs idle (GPU only).
 
     Decided from the M bucket, not M: every M of a bucket sums its K slices the same way, so a
@@ -545,6 +787,8 @@ def _pick_split_k(m_bucket: int, n: int, k: int, device: torch.device) -> int:
     if INTERPRET or device.type != "cuda" or m_bucket > 256:
         return 1
     sms = num_sms(device)
+    if table == "decode":
+        return _decode_split_k(n, k, sms)
     tiles = triton.cdiv(m_bucket, 64) * triton.cdiv(n, 64)
     split_k = 1
     while tiles * split_k < sms and k // (2 * split_k) >= 768 and split_k < 8:
@@ -650,7 +894,8 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
         return _Plan(n, out_shape)
 
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
-    split_k = _pick_split_k(m_bucket, n, k, x.device)
+    table = _config_table(m_bucket)
+    split_k = _pick_split_k(m_bucket, n, k, x.device, table)
     # the epilogue's constexprs and the launch options, shared by all three kernels
     shared_meta = {
         "ACTIVATION": act_name,
@@ -662,10 +907,13 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
     key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype)
 
     if split_k == 1 and _takes_tma(x2, weight, m_bucket):
+        variant = _tma_variant(out, n, x.element_size())
+        tma_meta = {**shared_meta, **variant}
+        key = (*key, *variant.values())
         if INTERPRET:
             config = _INTERPRET_TMA_CONFIG
             main = KernelLaunch(
-                _matmul_tma_kernel, (_INTERPRET_TMA_PROGRAMS,), {**shared_meta, **config}
+                _matmul_tma_kernel, (_INTERPRET_TMA_PROGRAMS,), {**tma_meta, **config}
             )
             return _Plan(n, out_shape, tma=True, main=main)
         sms = num_sms(x.device)
@@ -674,11 +922,12 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
             tiles = triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"])
             return (min(sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
 
-        tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, shared_meta)
+        tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, tma_meta)
         return _Plan(n, out_shape, tma=True, tune=tune)
 
     meta = {
         **shared_meta,
+        "CONFIG_TABLE": table,
         "SPLIT_K": split_k,
         "DOT_PRECISION": dot_precision(x.dtype),
         # 0 without PDL too: one compiled variant per launch, whatever the weight's size
@@ -703,15 +952,19 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
             {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
         )
     if INTERPRET:
-        main = KernelLaunch(_matmul_kernel, grid(_INTERPRET_CONFIG), {**meta, **_INTERPRET_CONFIG})
+        # the interpreter's fixed config: a decode table's first entry where that table is on
+        config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
+        main = KernelLaunch(_matmul_kernel, grid(config), {**meta, **config})
         return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue)
-    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k), grid, meta)
+    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table), grid, meta)
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
 
 
-def _tma_blocks(config) -> tuple[list[int], list[int]]:
-    """A config's tile shape is the TMA descriptors' block shape."""
-    return [config["BLOCK_M"], config["BLOCK_K"]], [config["BLOCK_N"], config["BLOCK_K"]]
+def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:
+    """The TMA descriptors' block shapes for a config (meta with its tile and variant): x's and
+    the weight's tiles, and the output's epilogue slice."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    return [bm, bk], [bn, bk], [bm, bn // config["EPILOGUE_SUBTILE"]]
 
 
 def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
@@ -731,11 +984,15 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
     ws = None
     if plan.tma:
         # placeholder block shapes while tuning: each config's pre_hook sets its own
-        x_block, w_block = plan.tma_blocks or ([16, 16], [16, 16])
+        x_block, w_block, out_block = plan.tma_blocks or ([16, 16], [16, 16], [16, 16])
         x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], x_block)
         w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], w_block)
-        args = (x_desc, w_desc, bias_arg, res_arg, out2, m, n, k, _m_bucket(m), res_stride,
-                out2.stride(0), alpha)  # fmt: skip
+        out_desc = None
+        meta = plan.main.meta if plan.main is not None else plan.tune[4]
+        if meta["TMA_STORE"]:
+            out_desc = TensorDescriptor(out2, [m, n], [out2.stride(0), 1], out_block)
+        args = (x_desc, w_desc, bias_arg, res_arg, out2, out_desc, m, n, k, _m_bucket(m),
+                res_stride, out2.stride(0), alpha)  # fmt: skip
     else:
         if plan.split_k > 1:
             ws = torch.empty(

@@ -48,6 +48,59 @@ PDL = os.environ.get("ZOO_PDL", "1") != "0"
 PDL_MAX_ROWS = 256
 
 
+# Kernel choices that are built and tested but not yet the default: each is off (the earlier
+# behaviour) unless a run turns it on, with ZOO_KERNELS (e.g. ZOO_KERNELS="matmul_decode_table,
+# epilogue_subtile=2") or set_kernel_options. Launch plans made under other options are dropped
+# when they change; CUDA graphs captured before keep the kernels they captured.
+KERNEL_OPTION_CHOICES = {
+    # matmul at M 17..128 (decode batches): one row block spans the batch, K split to fill the SMs
+    "matmul_decode_table": (0, 1),
+    # decode attention: split-KV factor for several programs per SM at every batch
+    "decode_split_table": (0, 1),
+    # persistent TMA matmul: the epilogue in 1, 2 or 4 column slices of the accumulator
+    "epilogue_subtile": (1, 2, 4),
+    # persistent TMA matmul: the output stored through a TMA descriptor
+    "tma_store": (0, 1),
+    # persistent TMA matmul: Triton's warp specialization of the tile loop (Triton >= 3.4)
+    "warp_specialize": (0, 1),
+}
+
+
+def parse_kernel_options(text: str) -> dict[str, int]:
+    """'a,b=2' -> every option's value (the first choice unless named; a bare name means 1)."""
+    options = {name: choices[0] for name, choices in KERNEL_OPTION_CHOICES.items()}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in KERNEL_OPTION_CHOICES:
+            raise ValueError(
+                f"ZOO_KERNELS: unknown option {name!r}, expected one of {list(KERNEL_OPTION_CHOICES)}"
+            )
+        try:
+            number = int(value) if value else 1
+        except ValueError:
+            number = None
+        if number not in KERNEL_OPTION_CHOICES[name]:
+            raise ValueError(
+                f"ZOO_KERNELS: {name}={value!r}, expected one of {KERNEL_OPTION_CHOICES[name]}"
+            )
+        options[name] = number
+    return options
+
+
+KERNEL_OPTIONS = parse_kernel_options(os.environ.get("ZOO_KERNELS", ""))
+
+
+def set_kernel_options(**changes: int) -> dict[str, int]:
+    """Change kernel options for the launches that follow (benchmarks compare them); returns the
+    previous options, which set_kernel_options(**previous) restores."""
+    global KERNEL_OPTIONS
+    previous = KERNEL_OPTIONS
+    text = ",".join(f"{name}={value}" for name, value in {**previous, **changes}.items())
+    KERNEL_OPTIONS = parse_kernel_options(text)  # a new dict: launch plans notice the change
+    return dict(previous)
+
+
 def pdl_meta(device: torch.device, rows: int) -> dict:
     """Launch keywords of a kernel over `rows` token rows: the USE_PDL constexpr and Triton's
     launch_pdl option."""

@@ -19,3 +19,13 @@ if _worker.startswith("gw") and torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_options():
+    """set_kernel_options for one test: the options before it are put back after it."""
+    import kernels.utils
+
+    previous = dict(kernels.utils.KERNEL_OPTIONS)
+    yield kernels.utils.set_kernel_options
+    kernels.utils.set_kernel_options(**previous)

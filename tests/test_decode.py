@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import ATTENTION_RTOL, DEVICE, DTYPES, assert_close
 
+import kernels.decode
 from kernels.attention import attention
 from kernels.decode import decode_attention
 
@@ -165,3 +166,40 @@ def test_decode_window_matches_causal_attention():
     actual = decode_attention(q, k, v, num_splits=3, **kw)
     expected = attention(q, k, v, causal=True, **kw)
     assert_close(actual, expected, RTOL[torch.float32], "windowed decode vs attention")
+
+
+@pytest.mark.parametrize(
+    "B, splits",
+    [(1, 9), (8, 9), (32, 3), (64, 2), (128, 1)],  # each split >= 64 keys of 576: <= 9
+)
+def test_split_table(B, splits):
+    """The decode split table at Llama-3-8B's decode batches (Hkv 8, a 576-slot cache, 64-key
+    blocks) on an H200 (132 SMs): about 4 programs per SM, never a split without a key block."""
+    assert kernels.decode._table_num_splits(B * 8, 576, 64, 132) == splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [9, 3, 2])
+def test_decode_at_table_splits(dtype, num_splits):
+    """The kernels at the split counts the table picks, against the reference and against the
+    unsplit kernel: GQA 4, odd D, ragged lengths (some splits empty)."""
+    B, S_max, Hq, Hkv, D = 3, 70, 8, 2, 24
+    kv_start, kv_end = _lengths([0, 4, 0]), _lengths([70, 13, 1])
+    k, v = _cache(B, S_max, Hkv, D, dtype, kv_start, kv_end)
+    q = torch.randn(B, 1, Hq, D, device=DEVICE, dtype=dtype)
+    kw = dict(scale=D**-0.5, kv_start=kv_start, kv_end=kv_end)
+    split = decode_attention(q, k, v, num_splits=num_splits, **kw)
+    assert_close(split, reference(q, k, v, **kw), RTOL[dtype], f"decode splits={num_splits}")
+    assert_close(split, decode_attention(q, k, v, num_splits=1, **kw), RTOL[dtype], "vs unsplit")
+
+
+def test_split_table_option(monkeypatch, kernel_options):
+    """decode_split_table switches the default split count from one wave to the table (GPU
+    launches only: the interpreter keeps its small fixed split)."""
+    monkeypatch.setattr(kernels.decode, "INTERPRET", False)
+    monkeypatch.setattr(kernels.decode, "num_sms", lambda device: 132)
+    shapes = (32, 8, 576, 64, torch.device("cuda"))
+    kernel_options(decode_split_table=0)
+    assert kernels.decode._default_num_splits(*shapes) == 1
+    kernel_options(decode_split_table=1)
+    assert kernels.decode._default_num_splits(*shapes) == 3

@@ -390,3 +390,29 @@ def test_direct_launch_equals_triton_launch(monkeypatch, name, dtype):
     for a, e, e2 in zip(actual, expected, expected_again, strict=True):
         assert torch.equal(e, e2), f"{name}: Triton's launches differ between calls"
         assert torch.equal(a, e), f"{name}: direct launch != Triton launch"
+
+
+def test_kernel_options_parse_and_errors():
+    """ZOO_KERNELS: bare names mean 1, unnamed options keep their first choice, and a wrong name
+    or value is refused naming it."""
+    from kernels.utils import parse_kernel_options
+
+    options = parse_kernel_options("matmul_decode_table, epilogue_subtile=4")
+    assert options["matmul_decode_table"] == 1 and options["epilogue_subtile"] == 4
+    assert options["tma_store"] == 0 and options["decode_split_table"] == 0
+    assert parse_kernel_options("")["epilogue_subtile"] == 1
+    with pytest.raises(ValueError, match="unknown option 'subtile'"):
+        parse_kernel_options("subtile=2")
+    with pytest.raises(ValueError, match=r"epilogue_subtile='3', expected one of \(1, 2, 4\)"):
+        parse_kernel_options("epilogue_subtile=3")
+    with pytest.raises(ValueError, match="tma_store='yes'"):
+        parse_kernel_options("tma_store=yes")
+
+
+def test_plans_dropped_when_kernel_options_change(kernel_options):
+    cache = PlanCache()
+    cache.put("key", "plan")
+    assert cache.get("key") == "plan"
+    previous = kernel_options(tma_store=1)
+    assert previous["tma_store"] == 0
+    assert cache.get("key") is None

@@ -135,6 +135,98 @@ def test_split_k(monkeypatch, activation, k, split_k):
     )
 
 
+DECODE_TABLE_CONFIGS = [
+    pytest.param(bucket, config, id=f"M{bucket}-{i}")
+    for bucket, table in mm._DECODE_CONFIGS.items()
+    for i, config in enumerate(table)
+]
+
+
+def fresh_tuning(monkeypatch, tuner, configs=None):
+    """On the GPU: the autotuner forgets its picks for this test (and tunes over `configs`
+    only, where given), so that each test runs the configs it names."""
+    if mm.INTERPRET:
+        return
+    monkeypatch.setattr(mm, "_tuned_configs", {})
+    monkeypatch.setattr(tuner, "cache", {})
+    if configs is not None:
+        monkeypatch.setattr(tuner, "configs", configs)
+
+
+def plan_meta(plan) -> dict:
+    """A plan's constexprs: its launch's, or (before its first call on the GPU) its tuning's."""
+    return plan.main.meta if plan.main is not None else plan.tune[4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bucket, config", DECODE_TABLE_CONFIGS)
+def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config):
+    """Every config of the decode table (matmul at decode batches), with K split in uneven slices
+    as the table splits it: ragged M inside the one row block, odd N and K, the gated epilogue
+    with bias and residual, and the same numbers as with the table off."""
+    kernel_options(matmul_decode_table=1)
+    monkeypatch.setitem(mm._DECODE_CONFIGS, bucket, [config])
+    monkeypatch.setattr(mm, "_pick_split_k", lambda *args: 3)
+    fresh_tuning(monkeypatch, mm._matmul_kernel_tuned)
+    m, inter, k = bucket - 5, 37, 300
+    x, w, b, res = (rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype),
+                    rand(2 * inter, dtype=dtype), rand(m, inter, dtype=dtype))  # fmt: skip
+    plan = mm._plan(x, w, b, "silu_mul", res, None)
+    assert plan_meta(plan)["CONFIG_TABLE"] == "decode" and plan.split_k == 3
+    y = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
+    if mm.INTERPRET:
+        assert plan.main.meta["BLOCK_M"] == bucket
+    else:  # the config, unless it does not fit this dtype's tiles in shared memory
+        fits = mm._fits(config, 2, x.element_size(), mm.max_shared_memory(x.device))
+        tuned = [c.kwargs["BLOCK_M"] for c in mm._tuned_configs.values()]
+        assert tuned == [bucket if fits else mm._FALLBACK_CONFIG.kwargs["BLOCK_M"]]
+    assert_close(y, reference(x, w, b, "silu_mul", res, 0.5), TOL[dtype], f"decode table {config}")
+    kernel_options(matmul_decode_table=0)
+    y_off = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
+    assert plan_meta(mm._plan(x, w, b, "silu_mul", res, None))["CONFIG_TABLE"] == "default"
+    assert_close(y, y_off, TOL[dtype], "decode table on vs off")
+
+
+def test_decode_table_covers_only_decode_buckets(kernel_options):
+    kernel_options(matmul_decode_table=1)
+    assert [mm._config_table(b) for b in (1, 16, 32, 64, 128, 256, 512)] == (
+        ["default"] * 2 + ["decode"] * 3 + ["default"] * 2
+    )
+    kernel_options(matmul_decode_table=0)
+    assert {mm._config_table(b) for b in (32, 64, 128)} == {"default"}
+
+
+def test_decode_table_split_k_on_the_gpu_path(monkeypatch):
+    """On a GPU the decode table's plans split K by _decode_split_k; the default table keeps the
+    earlier rule (64x64 output tiles: 128 of them at M bucket 128 for Llama's o projection)."""
+    monkeypatch.setattr(mm, "INTERPRET", False)
+    monkeypatch.setattr(mm, "num_sms", lambda device: 132)
+    pick = mm._pick_split_k.__wrapped__  # uncached: INTERPRET is patched
+    cuda = torch.device("cuda")
+    assert pick(128, 4096, 4096, cuda, "decode") == 4
+    assert pick(128, 4096, 4096, cuda, "default") == 2
+
+
+@pytest.mark.parametrize(
+    "n, k, split_k",
+    [
+        (6144, 4096, 2),  # Llama-3-8B qkv: 96 column blocks, 2 slices fill 132 SMs
+        (4096, 4096, 4),  # o: 64 blocks
+        (14336, 4096, 1),  # gate-up (I columns): 224 blocks
+        (4096, 14336, 4),  # down
+        (128256, 4096, 1),  # lm_head
+        (64, 768, 1),  # a slice would keep less than 512 of K
+        (64, 100_000, 8),  # at most 8 slices
+    ],
+)
+def test_decode_split_k_table(n, k, split_k):
+    """The decode table's K split on an H200 (132 SMs) at Llama-3-8B's projections."""
+    assert mm._decode_split_k(n, k, 132) == split_k
+    blocks = -(-n // mm._DECODE_BLOCK_N)
+    if split_k > 1:
+        assert k // split_k >= mm._DECODE_MIN_K_SLICE and blocks * split_k // 2 < 132
+
+
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
 @pytest.mark.parametrize(
     "activation, n_w, k, has_bias, has_residual",
@@ -154,6 +246,77 @@ def test_tma_kernel(dtype, activation, n_w, k, has_bias, has_residual):
     y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
     expected = reference(x, w, b, activation, res, 0.5)
     assert_close(y, expected, TOL[dtype], f"TMA matmul {m}x{n_w}x{k} {activation}")
+
+
+TMA_VARIANTS = [
+    pytest.param(dict(epilogue_subtile=sub, tma_store=store, warp_specialize=ws), id=name)
+    for name, sub, store, ws in [
+        ("subtile2", 2, 0, 0),
+        ("subtile4", 4, 0, 0),
+        ("tma-store", 1, 1, 0),
+        ("subtile2-tma-store", 2, 1, 0),
+        ("subtile4-tma-store", 4, 1, 0),
+        ("warp-specialize", 1, 0, 1),
+        ("subtile2-tma-store-warp-specialize", 2, 1, 1),
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize(
+    "activation, n_w, k, has_bias, has_residual",
+    [
+        ("gelu", 104, 48, True, True),
+        ("silu_mul", 208, 40, False, True),
+        (None, 72, 40, True, False),
+    ],
+)
+def test_tma_epilogue_variants(
+    monkeypatch, kernel_options, dtype, variant, activation, n_w, k, has_bias, has_residual
+):
+    """The persistent TMA kernel's epilogue variants (column slices, TMA stores, warp
+    specialization) against the reference and against the default epilogue: ragged M and N
+    edges (N = 104 / 72: partial tiles and slices), the gated activation, the residual."""
+    m = 300
+    x, w = rand(m, k, dtype=dtype), rand(n_w, k, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    b = rand(n_w, dtype=dtype) if has_bias else None
+    n = n_w // 2 if activation == "silu_mul" else n_w
+    res = rand(m, n, dtype=dtype) if has_residual else None
+    # on the GPU: one 8-warp config with both accumulators of a gated tile in registers
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 128, 64, 3, 8)])
+    default = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    kernel_options(**variant)
+    plan = mm._plan(x, w, b, activation, res, None)
+    assert plan.tma
+    meta = plan_meta(plan)
+    assert meta["EPILOGUE_SUBTILE"] == variant["epilogue_subtile"]
+    assert meta["TMA_STORE"] == bool(variant["tma_store"])  # n * 2 bytes is 16-byte aligned
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    expected = reference(x, w, b, activation, res, 0.5)
+    assert_close(y, expected, TOL[dtype], f"TMA matmul {variant} {activation}")
+    assert_close(y, default, TOL[dtype], f"TMA matmul {variant} vs the default epilogue")
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+def test_tma_store_in_place_and_unaligned_outputs(monkeypatch, kernel_options, dtype):
+    """TMA stores write an in-place residual add; an output whose rows TMA cannot address
+    (37 halves: 74 bytes) keeps pointer stores under the same options."""
+    x, w = rand(300, 48, dtype=dtype), rand(64, 48, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 64, 64, 3, 4)])
+    kernel_options(epilogue_subtile=2, tma_store=1)
+    h = rand(300, 64, dtype=dtype)
+    expected = reference(x, w, None, "relu", h, 0.5)
+    assert matmul(x, w, activation="relu", residual=h, alpha=0.5, out=h) is h
+    assert_close(h, expected, TOL[dtype], "TMA store, in-place residual add")
+    w37 = rand(37, 48, dtype=dtype)
+    plan = mm._plan(x, w37, None, None, None, None)
+    assert plan.tma and not plan_meta(plan)["TMA_STORE"]
+    assert_close(matmul(x, w37), reference(x, w37), TOL[dtype], "unaligned output rows")
 
 
 def test_tma_needs_aligned_rows():
