@@ -118,9 +118,7 @@ def _plan(x, weight, bias, residual, is_rms) -> _Plan:
     # x (and residual) as [rows, N]: a view where the strides allow, else a copy per call
     row_stride = _row_stride(x)
     residual_row_stride = _row_stride(residual) if residual is not None else row_stride
-    return _Plan(
-        KernelLaunch(_norm_kernel, (rows,), meta), rows, n, row_stride, residual_row_stride
-    )
+    return _Plan(KernelLaunch(_norm_kernel, (rows,), meta), n, row_stride, residual_row_stride)
 
 
 def _row_stride(t: torch.Tensor) -> int | None:

@@ -65,6 +65,27 @@ def test_strided_rows():
     )
 
 
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_inputs_that_are_not_row_views(is_rms):
+    """x and residual whose rows no [rows, N] view can address (transposed batch and time) are
+    normed like their contiguous copies; the outputs are contiguous."""
+    x = torch.randn(5, 3, 40, device=DEVICE).transpose(0, 1)  # [3, 5, 40], strides (40, 120, 1)
+    residual = torch.randn(5, 3, 40, device=DEVICE).transpose(0, 1)
+    weight = torch.randn(40, device=DEVICE)
+    bias = torch.randn(40, device=DEVICE)
+    for _ in range(2):  # the plan's first call, then a call of the cached plan
+        if is_rms:
+            y, summed = rms_norm(x, weight, 1e-6, residual=residual)
+            expected = rms_norm(x.contiguous(), weight, 1e-6, residual=residual.contiguous())
+        else:
+            y, summed = layer_norm(x, weight, bias, 1e-6, residual=residual)
+            expected = layer_norm(
+                x.contiguous(), weight, bias, 1e-6, residual=residual.contiguous()
+            )
+        assert y.is_contiguous() and summed.is_contiguous()
+        assert torch.equal(y, expected[0]) and torch.equal(summed, expected[1])
+
+
 def test_bad_shapes():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="weight"):
