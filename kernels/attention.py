@@ -359,12 +359,16 @@ _EMPTY = object()  # the plan of an empty output: nothing to launch
 
 
 class _Plan:
-    __slots__ = ("meta", "grid", "launch")
+    __slots__ = ("meta", "grid", "launch", "no_lengths")
 
-    def __init__(self, meta, grid, launch) -> None:
+    def __init__(self, meta, grid, launch, no_lengths) -> None:
         self.meta = meta  # constexprs and launch options (without the tuned config)
         self.grid = grid  # grid(config meta)
         self.launch = launch  # KernelLaunch once the config is known
+        # int32 stand-in for an absent kv_start / kv_end (never read): the autotuner's key holds
+        # every tensor argument's dtype, so a call without lengths shares the config of a call
+        # with them (a graphed call passes kv_end where the eager one had none)
+        self.no_lengths = no_lengths
 
 
 def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
@@ -390,6 +394,7 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
         DOT_PRECISION=dot_precision(q.dtype),
         **pdl_meta(q.device, B * Tq),
     )
+    no_lengths = torch.zeros(1, dtype=torch.int32, device=q.device)
     if INTERPRET:
         # few, large programs: the interpreter pays per program instance
         block_m = min(max(next_pow2(Tq), 16), 32)
@@ -398,8 +403,8 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
         launch = KernelLaunch(
             _attn_fwd_kernel, grid, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n}
         )
-        return _Plan(meta, None, launch)
-    return _Plan(meta, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq), None)
+        return _Plan(meta, None, launch, no_lengths)
+    return _Plan(meta, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq), None, no_lengths)
 
 
 def _launch(plan: _Plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
@@ -411,8 +416,8 @@ def _launch(plan: _Plan, q, k, v, scale, kv_start, kv_end, bias, out, window) ->
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     args = (
         q, k, v, out, bias_arg,
-        kv_start if kv_start is not None else q,
-        kv_end if kv_end is not None else q,
+        kv_start if kv_start is not None else plan.no_lengths,
+        kv_end if kv_end is not None else plan.no_lengths,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -172,6 +172,20 @@ def test_window_larger_than_sequence_equals_no_window():
     assert torch.equal(attention(q, k, v, **kw, window=33), attention(q, k, v, **kw))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_lengths_equal_no_lengths_bitwise(dtype):
+    """kv_end = S (a graphed call's padding mask) runs the config of no kv_end: on the GPU both
+    calls share one autotune entry, so the outputs are the same bits."""
+    q, k, v = _qkv(2, 70, 70, 4, 2, 32, dtype)
+    full = _lengths([70, 70])
+    for causal in (False, True):
+        plain = attention(q, k, v, causal=causal, scale=0.2)
+        assert torch.equal(attention(q, k, v, causal=causal, scale=0.2, kv_end=full), plain)
+        assert torch.equal(
+            attention(q, k, v, causal=causal, scale=0.2, kv_start=_lengths([0, 0])), plain
+        )
+
+
 @pytest.mark.parametrize(
     "window, causal, match",
     [(0, True, "positive int"), (4.0, True, "positive int"), (4, False, "causal=True")],

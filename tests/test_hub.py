@@ -6,7 +6,6 @@ import importlib
 import json
 import shutil
 
-import httpx2
 import huggingface_hub
 import pytest
 import torch
@@ -17,6 +16,11 @@ from convert.hf import CHECKPOINT_PATTERNS, CheckpointError, HubError
 from zoo.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
+
+try:  # the HTTP library of this huggingface_hub: httpx2 in the newest releases, else httpx
+    import httpx2 as http
+except ImportError:
+    import httpx as http
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,8 @@ def hub(monkeypatch, checkpoint):
 
 
 def http_error(cls, status: int, message: str):
-    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/name")
-    return cls(message, response=httpx2.Response(status, request=request))
+    request = http.Request("GET", "https://huggingface.co/api/models/org/name")
+    return cls(message, response=http.Response(status, request=request))
 
 
 def connection_errors() -> list[Exception]:
