@@ -399,8 +399,9 @@ def test_kernel_options_parse_and_errors():
 
     options = parse_kernel_options("matmul_decode_table, epilogue_subtile=4")
     assert options["matmul_decode_table"] == 1 and options["epilogue_subtile"] == 4
-    assert options["tma_store"] == 0 and options["decode_split_table"] == 0
+    assert options["tma_store"] == 1 and options["decode_split_table"] == 0
     assert parse_kernel_options("")["epilogue_subtile"] == 1
+    assert parse_kernel_options("matmul_decode_table=0")["matmul_decode_table"] == 0
     with pytest.raises(ValueError, match="unknown option 'subtile'"):
         parse_kernel_options("subtile=2")
     with pytest.raises(ValueError, match=r"epilogue_subtile='3', expected one of \(1, 2, 4\)"):
@@ -413,6 +414,6 @@ def test_plans_dropped_when_kernel_options_change(kernel_options):
     cache = PlanCache()
     cache.put("key", "plan")
     assert cache.get("key") == "plan"
-    previous = kernel_options(tma_store=1)
-    assert previous["tma_store"] == 0
+    previous = kernel_options(tma_store=0)
+    assert previous["tma_store"] == 1
     assert cache.get("key") is None
