@@ -143,7 +143,11 @@ class DecodeRunner:
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)  # replays draw fresh random numbers
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        mode = self.model.graph_capture_mode
+        with (
+            torch.cuda.stream(stream),
+            torch.cuda.graph(graph, stream=stream, capture_error_mode=mode),
+        ):
             self._eager_step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
@@ -383,7 +387,8 @@ class GenerationEngine:
             b.seen.zero_()
             b.seen.scatter_(1, seen_ids, True)
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
+            # follows torch.manual_seed
+            seed = self.model.common_seed(int(torch.randint(0, 2**62, (1,)).item()))
         runner.generator.manual_seed(seed)
         b.positions.copy_(prefill.positions)
         if prefill.logits is None:

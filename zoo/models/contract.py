@@ -64,6 +64,9 @@ class GenerativeLM(nn.Module, ABC):
     cuda_graph: bool = True
     tokenizer = None
     generation_config: GenerationConfig = GenerationConfig()
+    # torch.cuda.graph's capture_error_mode for the decode step: "thread_local" where another
+    # thread makes CUDA calls during a capture (torch.distributed's watchdog, tensor parallel)
+    graph_capture_mode: str = "global"
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +86,12 @@ class GenerativeLM(nn.Module, ABC):
 
     def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse a generation beyond the model's context; here none (memory bounds it)."""
+
+    def common_seed(self, seed: int) -> int:
+        """The sampling seed of a generation that was given none: this process's draw, or, for
+        a model spread over several processes (tensor parallel), the first rank's on every rank,
+        so that all of them choose the same tokens."""
+        return seed
 
     def encoder_length(self, prompt_length: int) -> int:
         """Encoder slots the cache keeps for a prompt of prompt_length tokens (0: no encoder)."""

@@ -1,0 +1,176 @@
+"""Tensor parallelism over torch.distributed (NCCL on GPUs, gloo on the CPU).
+
+Each rank holds a slice of every large matrix (convert.shard says which): the fused QKV with its
+query heads and their key/value heads, the fused gate-up with its MLP rows, the matching input
+columns of the attention-out and down projections (RowParallelLinear: one all-reduce each), and
+ceil(V / N) rows of the LM head (the logits are all-gathered, so every rank reads 1/N of the head
+per step and ends with the same full logits). Embedding and norms are replicated.
+
+The residual stream is the same on every rank: rank 0's row-split matmuls add the residual (and
+the bias) in their epilogue, the other ranks' add nothing, and the all-reduce sums the parts. The
+logits are identical bits on every rank (each vocabulary part is computed once, then gathered),
+so every rank chooses the same tokens from the same seed: generation needs no other exchange.
+
+Only imported for tp > 1: a single-GPU model never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from convert.shard import Shard
+from kernels.matmul import matmul
+from zoo.layers import Linear
+
+# what torchrun sets for each process
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# torch >= 2.13 names it all_gather_single; earlier releases all_gather_into_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class TensorParallel:
+    """The ranks a tensor-parallel model spans: its process group, this rank's Shard and the
+    collectives the model and the generation engine use."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
+        self.group = group
+        self.device = device
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.shard = Shard(self.rank, self.world)
+        self._first_rank = dist.get_global_rank(group, 0)
+
+    def __reduce__(self):
+        raise TypeError("a tensor-parallel model belongs to its processes: it cannot be copied")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place (capturable in a CUDA graph with NCCL)."""
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_vocab(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Logits [..., V] on every rank from each rank's part [..., rows of its head shard]."""
+        part = self.shard.vocab_part(vocab_size)
+        if local.shape[-1] < part:  # the last rank's part, when V does not divide
+            local = nn.functional.pad(local, (0, part - local.shape[-1]))
+        rows = local.reshape(-1, part).contiguous()
+        gathered = rows.new_empty((self.world * rows.shape[0], part))  # the ranks' rows, stacked
+        _all_gather_single(gathered, rows, group=self.group)
+        logits = gathered.view(self.world, -1, part).permute(1, 0, 2)  # (rows, world, part)
+        logits = logits.reshape(*local.shape[:-1], self.world * part)
+        return logits if self.world * part == vocab_size else logits[..., :vocab_size]
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's value, on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        dist.broadcast(t, src=self._first_rank, group=self.group)
+        return int(t.item())
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of the ranks' values, on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def row_linear(self, in_features: int, out_features: int, bias: bool) -> RowParallelLinear:
+        """A projection whose input features (in_features: this rank's) are split over ranks."""
+        return RowParallelLinear(in_features, out_features, bias, self)
+
+    def prepare_graphs(self, model: nn.Module) -> None:
+        """CUDA graphs of a model on these ranks: captured beside torch.distributed's watchdog
+        thread (whose CUDA calls a "global" capture refuses), and the plain-call graphs kept and
+        evicted alike on every rank (zoo.graphs.GraphPool.agree_bytes)."""
+        from zoo.graphs import graph_pool
+
+        model.graph_capture_mode = "thread_local"
+        pool = graph_pool(model)
+        pool.capture_mode = "thread_local"
+        pool.agree_bytes = self.max_over_ranks
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+class RowParallelLinear(Linear):
+    """y = residual + alpha * (x @ weight.T + bias) with x and weight split along the input
+    features over the ranks: each rank multiplies its part, rank 0 alone adds the bias and the
+    residual in the matmul's epilogue, and one all-reduce sums the parts (alpha is linear, so
+    every part is scaled before the sum). The bias is held (replicated) on every rank."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+        super().__init__(in_features, out_features, bias)
+        self.tp = tp
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        activation: str | None = None,
+        residual: torch.Tensor | None = None,
+        alpha: float = 1.0,
+    ) -> torch.Tensor:
+        if activation is not None:
+            raise ValueError("a row-split projection sums its parts: no activation before the sum")
+        first = self.tp.rank == 0
+        y = matmul(
+            x,
+            self.weight,
+            self.bias if first else None,
+            residual=residual if first else None,
+            alpha=alpha,
+        )
+        return self.tp.all_reduce(y)
+
+
+def from_first_rank(value):
+    """Rank 0's value (any picklable object, e.g. a line a user typed there) on every rank of
+    the default process group."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def setup(tp: int, device: str | torch.device | None) -> tuple[TensorParallel, torch.device]:
+    """The TensorParallel of zoo.load(..., tp=N) and the device of this rank. Uses the default
+    process group, or starts one from torchrun's variables (nccl for CUDA, gloo for the CPU);
+    a CUDA device is this process's LOCAL_RANK GPU unless an index is given."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tp: expected an int >= 1 (the number of GPUs), got {tp!r}")
+    if not dist.is_available():
+        raise ValueError(f"tp={tp}: this torch build has no torch.distributed")
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+        if missing:
+            raise ValueError(
+                f"tp={tp}: no torch.distributed process group, and no torchrun variables "
+                f"({', '.join(missing)} unset): launch with `torchrun --nproc-per-node {tp} "
+                "script.py`, or call torch.distributed.init_process_group first"
+            )
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    if world != tp:
+        raise ValueError(
+            f"tp={tp}, but the process group has {world} processes: tp must equal the world size "
+            f"(torchrun --nproc-per-node {tp})"
+        )
+    backend = str(dist.get_backend())
+    if cuda and "nccl" not in backend:
+        raise ValueError(f"tp={tp} on CUDA needs an nccl process group, not {backend}")
+    if not cuda and "gloo" not in backend:
+        raise ValueError(f"tp={tp} on the CPU needs a gloo process group, not {backend}")
+    if cuda:
+        device = torch.device(device or "cuda")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device or "cpu")
+    return TensorParallel(dist.group.WORLD, device), device
