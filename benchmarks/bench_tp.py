@@ -11,7 +11,9 @@ inside the graph. Measured, in this order:
      bandwidth limit: the bytes one GPU must read per decode step (its share of the weights,
      without the embedding table of which a step reads one row per token, plus its KV heads at
      the mean context) over the copy bandwidth measured on that GPU (the slowest GPU's);
-     prefill of 1 x 2048 tokens (a plain call, graphed); decode at batch 32.
+     prefill of 1 x 2048 tokens (a plain call, graphed); decode at batch 32;
+  3. the batch-1 decodes again with the one-shot all-reduce over symmetric memory
+     (TensorParallel.enable_symmetric_memory), where the GPUs support it.
 Decode time per step is (generate(prompt, new) - generate(prompt, 1)) / (new - 1), each the median
 of a few runs after a warm-up (as benchmarks/bench_decoder.py). Only the first rank prints and
 writes the JSON.
@@ -66,6 +68,19 @@ def decode_row(model, batch: int, prompt: int, new: int, bandwidth: float | None
     return row
 
 
+def symmetric_row(model, result: dict, key: str, args, bandwidth: float, say) -> None:
+    """The batch-1 decode again with the one-shot all-reduce over symmetric memory (graphs
+    captured afresh), when the GPUs support it."""
+    if args.nccl_only or not model.tp.enable_symmetric_memory(torch.bfloat16):
+        return
+    model.engine.reset()
+    row = decode_row(model, 1, args.prompt, args.new, bandwidth)
+    result[f"{key}_symmetric"] = row
+    say(json.dumps({f"{key}_symmetric": row}), flush=True)
+    model.tp.disable_symmetric_memory()
+    model.engine.reset()
+
+
 def load(name: str, tp: int | None):
     start = time.perf_counter()
     model = zoo.load(name, pretrained=False, dtype=torch.bfloat16, tp=tp)
@@ -90,7 +105,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="the large model's batched decode")
     parser.add_argument("--batch-new", type=int, default=64)
     parser.add_argument("--skip-tp1", action="store_true", help="no tp=1 run of the small model")
+    parser.add_argument("--skip-small", action="store_true", help="no tp=N run of the small model")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument(
+        "--nccl-only",
+        action="store_true",
+        help="no second run with the symmetric-memory all-reduce",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -115,11 +136,13 @@ def main() -> None:
     result["copy_bandwidth_Bps"] = bandwidths
     say(f"copy bandwidth per GPU: {', '.join(f'{b / 1e12:.2f}' for b in bandwidths)} TB/s")
 
-    model, load_s = load(args.small, world)
-    row = decode_row(model, 1, args.prompt, args.new, bandwidth)
-    result["small_tp"] = row | {"load_s": load_s}
-    say(json.dumps({"small_tp": result["small_tp"]}), flush=True)
-    free(model)
+    if not args.skip_small:
+        model, load_s = load(args.small, world)
+        row = decode_row(model, 1, args.prompt, args.new, bandwidth)
+        result["small_tp"] = row | {"load_s": load_s}
+        say(json.dumps({"small_tp": result["small_tp"]}), flush=True)
+        symmetric_row(model, result, "small_tp", args, bandwidth, say)
+        free(model)
 
     if not args.skip_large:
         model, load_s = load(args.large, world)
@@ -133,6 +156,7 @@ def main() -> None:
         row = decode_row(model, args.batch, args.prompt, args.batch_new, bandwidth)
         result["large_batch_tp"] = row
         say(json.dumps({"large_batch_tp": row}), flush=True)
+        symmetric_row(model, result, "large_tp", args, bandwidth, say)
         free(model)
 
     report(result, args, bandwidth, say)
@@ -144,27 +168,31 @@ def main() -> None:
 def report(result: dict, args, bandwidth: float, say) -> None:
     world = result["world"]
     say(f"\n{torch.cuda.get_device_name()} x{world}, bf16, CUDA-graph decode")
-    say("| model | tp | workload | ms per step | tokens/s | % of bandwidth limit |")
-    say("| --- | --- | --- | --- | --- | --- |")
+    say("| model | tp | all-reduce | workload | ms per step | tokens/s | % of bandwidth limit |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
     rows = [
-        (args.small, 1, result.get("small_tp1")),
-        (args.small, world, result.get("small_tp")),
-        (args.large, world, result.get("large_tp")),
-        (args.large, world, result.get("large_batch_tp")),
+        (args.small, 1, "-", result.get("small_tp1")),
+        (args.small, world, "NCCL", result.get("small_tp")),
+        (args.small, world, "one-shot", result.get("small_tp_symmetric")),
+        (args.large, world, "NCCL", result.get("large_tp")),
+        (args.large, world, "one-shot", result.get("large_tp_symmetric")),
+        (args.large, world, "NCCL", result.get("large_batch_tp")),
     ]
-    for name, tp, row in rows:
+    for name, tp, reduce, row in rows:
         if row is None:
             continue
         fraction = row.get("bandwidth_fraction")
         shown = f"{100 * fraction:.0f}%" if fraction is not None else "n/a"
         say(
-            f"| {name} | {tp} | decode {row['shape']} | {row['ms_per_step']:.2f} "
+            f"| {name} | {tp} | {reduce} | decode {row['shape']} | {row['ms_per_step']:.2f} "
             f"| {row['tokens_per_s']:.1f} | {shown} |"
         )
-    if "small_tp1" in result:
-        speedup = result["small_tp"]["tokens_per_s"] / result["small_tp1"]["tokens_per_s"]
-        result["small_speedup"] = speedup
-        say(f"\n{args.small} decode tp={world} vs tp=1: {speedup:.2f}x tokens/s")
+    baseline = result.get("small_tp1")
+    for key in ("small_tp", "small_tp_symmetric"):
+        if baseline is not None and key in result:
+            speedup = result[key]["tokens_per_s"] / baseline["tokens_per_s"]
+            result[f"{key}_speedup"] = speedup
+            say(f"{args.small} decode tp={world} ({key}) vs tp=1: {speedup:.2f}x tokens/s")
     if "large_prefill_ms" in result:
         say(f"{args.large} prefill 1x{args.prefill}: {result['large_prefill_ms']:.1f} ms")
     say(f"bandwidth limit per GPU: {bandwidth / 1e12:.2f} TB/s (the slowest GPU's copy)")

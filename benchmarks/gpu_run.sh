@@ -124,7 +124,9 @@ for stage in "$@"; do
       fi ;;
     tp)
       gpus=$(nvidia-smi -L | wc -l)
-      torchrun --nproc-per-node "$gpus" benchmarks/bench_tp.py --out "$OUT/bench_tp.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+      # TP_ARGS="--skip-large" / "--skip-tp1 --skip-small" split it over two calls if need be
+      # shellcheck disable=SC2086
+      torchrun --nproc-per-node "$gpus" benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/bench_tp.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     tp-tests)
       python -m pytest -q -rs -s -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/pytest_tp.log" | tail -30 ;;
     *) echo "unknown stage $stage" ;;

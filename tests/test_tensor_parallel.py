@@ -225,8 +225,21 @@ def test_every_rank_has_the_same_results(name, cpu_ranks):
     draws rank 0's on every rank."""
     first, *others = rank_results(cpu_ranks, name)
     for rank, other in enumerate(others, start=1):
-        for key, value in first.items():
-            assert torch.equal(value, other[key]), f"rank {rank} {key} differs from rank 0's"
+        assert_same_results(first, other, rank)
+
+
+def assert_same_results(first: dict, other: dict, rank: int) -> None:
+    assert first.keys() == other.keys()
+    for key, value in first.items():
+        same = torch.equal(value, other[key]) if torch.is_tensor(value) else value == other[key]
+        assert same, f"rank {rank} {key} differs from rank 0's"
+
+
+def test_symmetric_memory_stays_off_on_the_cpu(cpu_ranks):
+    """The one-shot all-reduce is a GPU kernel: on the CPU the switch reports False and every
+    all-reduce stays with the process group's backend."""
+    for rank in range(WORLD):
+        assert rank_results(cpu_ranks, "llama3")[rank]["symmetric_on"] is False
 
 
 @pytest.mark.parametrize("name", list(ERROR_CASES))
@@ -314,8 +327,21 @@ def gpu_ranks(checkpoints, tmp_path_factory):
 @two_gpus
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpu_fp32_tp2_matches_tp1(name, checkpoints, gpu_ranks):
+    """Also through the symmetric-memory all-reduce, and with graphs (plain call and decode)."""
     results = rank_results(gpu_ranks["float32"], name)
-    check_against_tp1(results, reference(checkpoints[name], name, "cuda"), FP32_RTOL)
+    expected = reference(checkpoints[name], name, "cuda")
+    check_against_tp1(results, expected, FP32_RTOL)
+    for rank, got in enumerate(results):
+        assert got["symmetric_on"], f"rank {rank}: symmetric memory unavailable"
+        for key in ("graph_logits", "symmetric_logits"):
+            assert_close(
+                real_positions(got[key]),
+                real_positions(expected["logits"]),
+                FP32_RTOL,
+                f"rank {rank} {key}",
+            )
+        for key in ("graph_greedy", "symmetric_greedy"):
+            assert torch.equal(got[key], expected["greedy"]), f"rank {rank} {key}"
 
 
 @two_gpus
@@ -336,6 +362,7 @@ def test_gpu_bf16_tp2_tracks_fp32_as_closely_as_tp1(name, checkpoints, gpu_ranks
         assert agreement >= 0.95, f"rank {rank}: top-1 agreement {agreement:.3f}"
         assert torch.equal(got["graph_logits"], got["logits"]), "graphed plain call != eager"
         assert torch.equal(got["graph_greedy"], got["greedy"]), "graph decode != eager decode"
-    first, second = results
-    for key, value in first.items():
-        assert torch.equal(value, second[key]), f"rank 1 {key} differs from rank 0's"
+        symmetric = real_positions(got["symmetric_logits"]).double()
+        err = (symmetric - exact).abs().max() / exact.abs().max()
+        assert err <= 1.5 * tp1_err, f"rank {rank}: one-shot all-reduce {err:.3e}"
+    assert_same_results(*results, rank=1)

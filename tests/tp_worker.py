@@ -68,4 +68,12 @@ def run_case(zoo, case: dict, world: int, device: str) -> dict:
         result["graph_sampled"] = model.generate(
             ids, max_new_tokens=new, do_sample=True, top_k=20, eos_token_id=[], seed=3
         ).cpu()
+    # the one-shot all-reduce over symmetric memory (GPUs only), graphs captured afresh
+    result["symmetric_on"] = model.tp.enable_symmetric_memory(dtype)
+    if result["symmetric_on"]:
+        model.engine.reset()
+        result["symmetric_logits"] = model(ids, attention_mask=mask).cpu()
+        result["symmetric_greedy"] = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[]
+        ).cpu()
     return result

@@ -16,7 +16,9 @@ Only imported for tp > 1: a single-GPU model never touches torch.distributed.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,14 @@ from zoo.layers import Linear
 
 # what torchrun sets for each process
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# With symmetric memory on: all-reduces of up to this many bytes take the one-shot kernel
+# (a decode step's activations: batch x hidden x 2 bytes); larger ones stay with NCCL.
+SYMMETRIC_MAX_BYTES = 2**20
+# one buffer per projection kind (attention out, down), so consecutive all-reduces alternate
+# buffers: a rank writes a buffer again only after every peer has entered the all-reduce in
+# between, which it can only do once it finished reading that buffer
+SYMMETRIC_SLOTS = 2
 
 # torch >= 2.13 names it all_gather_single; earlier releases all_gather_into_tensor
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -44,6 +54,7 @@ class TensorParallel:
         self.world = dist.get_world_size(group)
         self.shard = Shard(self.rank, self.world)
         self._first_rank = dist.get_global_rank(group, 0)
+        self._symmetric: list[torch.Tensor] | None = None  # SYMMETRIC_SLOTS buffers, when on
 
     def __reduce__(self):
         raise TypeError("a tensor-parallel model belongs to its processes: it cannot be copied")
@@ -77,9 +88,72 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
 
-    def row_linear(self, in_features: int, out_features: int, bias: bool) -> RowParallelLinear:
-        """A projection whose input features (in_features: this rank's) are split over ranks."""
-        return RowParallelLinear(in_features, out_features, bias, self)
+    def row_linear(
+        self, in_features: int, out_features: int, bias: bool, slot: int = 0
+    ) -> RowParallelLinear:
+        """A projection whose input features (in_features: this rank's) are split over ranks;
+        slot: its symmetric-memory buffer (projections that follow each other use different
+        ones)."""
+        return RowParallelLinear(in_features, out_features, bias, self, slot % SYMMETRIC_SLOTS)
+
+    # ------------------------------------------------------------------ symmetric memory
+
+    def enable_symmetric_memory(
+        self, dtype: torch.dtype, max_bytes: int = SYMMETRIC_MAX_BYTES
+    ) -> bool:
+        """Route the row-split projections' all-reduces of up to max_bytes (of dtype) through
+        torch's symmetric-memory one-shot all-reduce (torch.distributed._symmetric_memory: each
+        GPU reads its peers' parts directly, with less latency than NCCL at decode sizes); the
+        rest stays with NCCL. Returns whether it is on: False, NCCL kept, on the CPU, with a
+        torch without it, or where the GPUs cannot map each other's memory (checked with a
+        trial all-reduce; every rank must agree). Call on every rank alike; graphs captured
+        before keep NCCL (model.engine.reset() drops them)."""
+        if self.device.type != "cuda":
+            return False
+        try:
+            buffers = self._symmetric_buffers(dtype, max_bytes)
+            trial = buffers[0][: self.world]
+            trial.fill_(self.rank + 1)
+            total = torch.ops.symm_mem.one_shot_all_reduce(trial, "sum", self.group.group_name)
+            works = bool((total == self.world * (self.world + 1) // 2).all())
+        except (ImportError, AttributeError, RuntimeError):
+            buffers, works = None, False
+        works = self.max_over_ranks(0 if works else 1) == 0
+        self._symmetric = buffers if works else None
+        return works
+
+    def disable_symmetric_memory(self) -> None:
+        """Back to NCCL for every all-reduce (for graphs captured from now on)."""
+        self._symmetric = None
+
+    def symmetric_out(self, shape: tuple[int, ...], dtype: torch.dtype, slot: int):
+        """A view of symmetric buffer `slot` to write a projection's output of this shape into,
+        or None: NCCL for this all-reduce (off, too large, another dtype)."""
+        if self._symmetric is None:
+            return None
+        buffer = self._symmetric[slot]
+        numel = math.prod(shape)
+        if buffer.dtype != dtype or numel > buffer.numel():
+            return None
+        return buffer[:numel].view(shape)
+
+    def one_shot_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of x, a view returned by symmetric_out (a new tensor)."""
+        return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", self.group.group_name)
+
+    def _symmetric_buffers(self, dtype: torch.dtype, max_bytes: int) -> list[torch.Tensor]:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        with warnings.catch_warnings():  # needed by older torch, a deprecated no-op in newer
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(self.group.group_name)
+        numel = max(max_bytes // dtype.itemsize, self.world)
+        buffers = []
+        for _ in range(SYMMETRIC_SLOTS):
+            buffer = symm_mem.empty(numel, dtype=dtype, device=self.device)
+            symm_mem.rendezvous(buffer, self.group.group_name)
+            buffers.append(buffer)
+        return buffers
 
     def prepare_graphs(self, model: nn.Module) -> None:
         """CUDA graphs of a model on these ranks: captured beside torch.distributed's watchdog
@@ -100,11 +174,16 @@ class RowParallelLinear(Linear):
     """y = residual + alpha * (x @ weight.T + bias) with x and weight split along the input
     features over the ranks: each rank multiplies its part, rank 0 alone adds the bias and the
     residual in the matmul's epilogue, and one all-reduce sums the parts (alpha is linear, so
-    every part is scaled before the sum). The bias is held (replicated) on every rank."""
+    every part is scaled before the sum). The bias is held (replicated) on every rank. With
+    symmetric memory on, a small output is written straight into the symmetric buffer of `slot`
+    and summed by the one-shot all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, slot: int = 0
+    ):
         super().__init__(in_features, out_features, bias)
         self.tp = tp
+        self.slot = slot
 
     def forward(
         self,
@@ -116,14 +195,17 @@ class RowParallelLinear(Linear):
         if activation is not None:
             raise ValueError("a row-split projection sums its parts: no activation before the sum")
         first = self.tp.rank == 0
+        shape = (*x.shape[:-1], self.weight.shape[0])
+        out = self.tp.symmetric_out(shape, x.dtype, self.slot)
         y = matmul(
             x,
             self.weight,
             self.bias if first else None,
             residual=residual if first else None,
             alpha=alpha,
+            out=out,
         )
-        return self.tp.all_reduce(y)
+        return self.tp.all_reduce(y) if out is None else self.tp.one_shot_all_reduce(out)
 
 
 def from_first_rank(value):

@@ -215,12 +215,12 @@ def _check_window(window: int | None, layer_types: tuple[str, ...] | None, num_l
         )
 
 
-def _projection_out(in_features: int, out_features: int, bias: bool, tp) -> nn.Module:
-    """A projection back to the hidden size (attention out, down): split along its input
-    features over the ranks when tensor parallel (tp: a zoo.parallel.TensorParallel)."""
+def _projection_out(in_features: int, out_features: int, bias: bool, tp, slot: int) -> nn.Module:
+    """A projection back to the hidden size (attention out: slot 0, down: slot 1): split along
+    its input features over the ranks when tensor parallel (tp: a zoo.parallel.TensorParallel)."""
     if tp is None:
         return Linear(in_features, out_features, bias)
-    return tp.row_linear(in_features, out_features, bias)
+    return tp.row_linear(in_features, out_features, bias, slot)
 
 
 class LlamaMLP(nn.Module):
@@ -229,7 +229,7 @@ class LlamaMLP(nn.Module):
         start, end = shard.split(config.intermediate_size, "intermediate_size")
         inter = end - start  # this rank's MLP rows (all of them without tensor parallelism)
         self.gate_up = Linear(config.hidden_size, 2 * inter, config.mlp_bias)
-        self.down = _projection_out(inter, config.hidden_size, config.mlp_bias, tp)
+        self.down = _projection_out(inter, config.hidden_size, config.mlp_bias, tp, slot=1)
 
     def forward(self, x, residual, residual_scale):
         hidden = self.gate_up(x, activation="silu_mul")  # silu(gate) * up, (B, T, I)
@@ -254,7 +254,7 @@ class LlamaBlock(nn.Module):
             window=config.layer_window(layer),
             qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
             out=_projection_out(
-                (q1 - q0) * config.head_dim, config.hidden_size, config.attention_bias, tp
+                (q1 - q0) * config.head_dim, config.hidden_size, config.attention_bias, tp, slot=0
             ),
         )
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
