@@ -136,9 +136,19 @@ def save_checkpoint(path, architecture: str, config_kwargs: dict, sharded: bool 
     return path
 
 
+def cli_argv(folder, device: str) -> list[str]:
+    """A chat reply streamed by the zoo command (the last case of a spawn: the command ends
+    the process group zoo.load started)."""
+    argv = ["generate", str(folder), "--chat", "--prompt", "hi", "--max-new-tokens", "4"]
+    return argv + ["--dtype", "float32", "--device", device]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    paths = {}
+    from test_text import build_checkpoint
+
+    paths = {"cli": tmp_path_factory.mktemp("cli")}
+    build_checkpoint(paths["cli"])  # a scripted tiny Llama with a tokenizer and chat template
     for name, (architecture, kwargs) in CASES.items():
         path = tmp_path_factory.mktemp(name)
         paths[name] = save_checkpoint(path, architecture, kwargs, sharded=name == "llama3")
@@ -160,6 +170,7 @@ def spawn_ranks(checkpoints, out_dir, device: str, dtype: str = "float32") -> di
     """Run every case on WORLD spawned ranks; {(case, rank): result}."""
     cases = [dict(name=n, path=str(checkpoints[n]), dtype=dtype, **inputs(n)) for n in CASES]
     cases += [dict(name=n, path=str(checkpoints[n]), dtype=dtype) for n in ERROR_CASES]
+    cases.append(dict(name="cli", argv=cli_argv(checkpoints["cli"], device)))
     mp.spawn(run, args=(WORLD, free_port(), cases, str(out_dir), device), nprocs=WORLD)
     return {
         (case["name"], rank): torch.load(out_dir / f"{case['name']}.{rank}.pt")
@@ -233,6 +244,28 @@ def assert_same_results(first: dict, other: dict, rank: int) -> None:
     for key, value in first.items():
         same = torch.equal(value, other[key]) if torch.is_tensor(value) else value == other[key]
         assert same, f"rank {rank} {key} differs from rank 0's"
+
+
+def test_cli_prints_on_the_first_rank_only(checkpoints, cpu_ranks, capsys):
+    """`torchrun --nproc-per-node 2 -m zoo.cli generate ... --chat`: the first rank prints the
+    reply tp=1 prints, the other rank nothing."""
+    from zoo.cli import main
+
+    assert main(cli_argv(checkpoints["cli"], "cpu")) == 0
+    expected = capsys.readouterr()
+    first, other = cpu_ranks[("cli", 0)], cpu_ranks[("cli", 1)]
+    assert first["status"] == other["status"] == 0, first["stderr"] + other["stderr"]
+    assert first["stdout"] == expected.out and expected.out.strip()
+    assert other["stdout"] == other["stderr"] == ""
+
+
+def test_cli_tp_must_match_the_launch(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from zoo.cli import main
+
+    status = main(["generate", "x", "--prompt", "hi", "--tp", "2"])
+    assert status == 2
+    assert "--tp 2: launch 2 processes with torchrun --nproc-per-node 2" in capsys.readouterr().err
 
 
 def test_symmetric_memory_stays_off_on_the_cpu(cpu_ranks):
@@ -366,3 +399,71 @@ def test_gpu_bf16_tp2_tracks_fp32_as_closely_as_tp1(name, checkpoints, gpu_ranks
         err = (symmetric - exact).abs().max() / exact.abs().max()
         assert err <= 1.5 * tp1_err, f"rank {rank}: one-shot all-reduce {err:.3e}"
     assert_same_results(*results, rank=1)
+
+
+def load_rank(path, rank: int):
+    """One rank's share of a checkpoint, loaded in this process (no process group: the
+    row-split projections are built, never called), and the bytes the loader read."""
+    import types
+    from pathlib import Path
+
+    from convert import hf
+    from convert.llama import key_map
+    from zoo.models.llama import Llama, LlamaConfig
+    from zoo.parallel import RowParallelLinear
+
+    tp = types.SimpleNamespace(shard=Shard(rank, WORLD))
+    tp.row_linear = lambda i, o, bias, slot: RowParallelLinear(i, o, bias, tp, slot)
+    config = LlamaConfig.from_hf(hf.read_config(Path(path)))
+    model = Llama(config, tp=tp).to_empty(device="cpu")
+    files = hf.safetensors_files(Path(path))
+    read = []
+    iter_tensors = hf.iter_tensors
+
+    def counting(files, part_of):
+        for key, file, tensor in iter_tensors(files, part_of):
+            read.append(tensor.numel() * tensor.element_size())
+            yield key, file, tensor
+
+    keys = key_map(config, tp.shard)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf, "iter_tensors", counting)
+        hf.load_state(model, files, keys)
+    return model, sum(read)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_a_rank_reads_only_its_share(checkpoints, rank):
+    """The llama3 checkpoint (sharded, untied head): every byte read lands in exactly one
+    parameter of the rank, and the parameters are the slices of the checkpoint's tensors."""
+    from safetensors.torch import load_file
+
+    path = checkpoints["llama3"]
+    model, read = load_rank(path, rank)
+    assert read == sum(p.numel() * p.element_size() for p in model.parameters())
+    full = {}
+    for file in sorted(path.glob("*.safetensors")):
+        full |= load_file(file)
+    d, hq, hkv, inter = 16, 2, 1, 36  # head_dim; per rank: q heads, kv heads, MLP rows
+    q = slice(rank * hq * d, (rank + 1) * hq * d)
+    kv = slice(rank * hkv * d, (rank + 1) * hkv * d)
+    i = slice(rank * inter, (rank + 1) * inter)
+    layer = "model.layers.1."
+    expected = {
+        "layers.1.attn.qkv.weight": torch.cat(
+            [
+                full[layer + f"self_attn.{p}_proj.weight"][s]
+                for p, s in (("q", q), ("k", kv), ("v", kv))
+            ]
+        ),
+        "layers.1.attn.out.weight": full[layer + "self_attn.o_proj.weight"][:, q],
+        "layers.1.mlp.gate_up.weight": torch.cat(
+            [full[layer + f"mlp.{p}_proj.weight"][i] for p in ("gate", "up")]
+        ),
+        "layers.1.mlp.down.weight": full[layer + "mlp.down_proj.weight"][:, i],
+        "lm_head.weight": full["lm_head.weight"][rank * 51 : (rank + 1) * 51],
+        "embed.weight": full["model.embed_tokens.weight"],
+    }
+    params = dict(model.named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(params[name], value), name

@@ -41,6 +41,8 @@ def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, devic
 
 
 def run_case(zoo, case: dict, world: int, device: str) -> dict:
+    if "argv" in case:
+        return run_cli(case["argv"])
     dtype = getattr(torch, case.get("dtype", "float32"))
     try:
         model = zoo.load(case["path"], tp=world, device=device, dtype=dtype)
@@ -77,3 +79,16 @@ def run_case(zoo, case: dict, world: int, device: str) -> dict:
             ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[]
         ).cpu()
     return result
+
+
+def run_cli(argv: list[str]) -> dict:
+    """The zoo command on this rank: its exit status and what it printed."""
+    import contextlib
+    import io
+
+    from zoo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}

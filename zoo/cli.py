@@ -258,10 +258,9 @@ def _generate(args: argparse.Namespace) -> int:
         return _run_generate(args, tp, lead=rank == 0)
     finally:
         if tp > 1:
-            import torch.distributed as dist
+            from zoo.parallel import end_started_group
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            end_started_group()
 
 
 def _run_generate(args: argparse.Namespace, tp: int, lead: bool) -> int:

@@ -216,6 +216,18 @@ def from_first_rank(value):
     return box[0]
 
 
+# whether setup started the default process group (end_started_group ends it then)
+_started_group = False
+
+
+def end_started_group() -> None:
+    """Destroy the default process group if zoo.load started it (the CLI's last step)."""
+    global _started_group
+    if _started_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _started_group = False
+
+
 def setup(tp: int, device: str | torch.device | None) -> tuple[TensorParallel, torch.device]:
     """The TensorParallel of zoo.load(..., tp=N) and the device of this rank. Uses the default
     process group, or starts one from torchrun's variables (nccl for CUDA, gloo for the CPU);
@@ -237,6 +249,8 @@ def setup(tp: int, device: str | torch.device | None) -> tuple[TensorParallel, t
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
+        global _started_group
+        _started_group = True
     world = dist.get_world_size()
     if world != tp:
         raise ValueError(
