@@ -380,8 +380,10 @@ def test_gpu_fp32_tp2_matches_tp1(name, checkpoints, gpu_ranks):
 @two_gpus
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpu_bf16_tp2_tracks_fp32_as_closely_as_tp1(name, checkpoints, gpu_ranks):
-    """bf16 at tp=2 against the fp32 logits: the error at most 1.5x tp=1's bf16 error, top-1
-    agreement >= 95%; the ranks agree bitwise; graphed calls and decode equal the eager ones."""
+    """bf16 at tp=2 against the fp32 logits: the error at most 2x tp=1's bf16 error (each
+    row-split projection rounds the ranks' parts to bf16 before summing them: two roundings
+    more than tp=1's one), top-1 agreement >= 95%; the ranks agree bitwise; graphed calls and
+    decode equal the eager ones."""
     results = rank_results(gpu_ranks["bfloat16"], name)
     exact = real_positions(reference(checkpoints[name], name, "cuda")["logits"]).double()
     tp1 = real_positions(reference(checkpoints[name], name, "cuda", torch.bfloat16)["logits"])
@@ -391,13 +393,13 @@ def test_gpu_bf16_tp2_tracks_fp32_as_closely_as_tp1(name, checkpoints, gpu_ranks
         err = (ours - exact).abs().max() / exact.abs().max()
         agreement = (ours.argmax(-1) == exact.argmax(-1)).float().mean().item()
         print(f"{name} rank {rank}: bf16 error tp=2 {err:.3e}, tp=1 {tp1_err:.3e}")
-        assert err <= 1.5 * tp1_err, f"rank {rank}: tp=2 {err:.3e} vs tp=1 {tp1_err:.3e}"
+        assert err <= 2 * tp1_err, f"rank {rank}: tp=2 {err:.3e} vs tp=1 {tp1_err:.3e}"
         assert agreement >= 0.95, f"rank {rank}: top-1 agreement {agreement:.3f}"
         assert torch.equal(got["graph_logits"], got["logits"]), "graphed plain call != eager"
         assert torch.equal(got["graph_greedy"], got["greedy"]), "graph decode != eager decode"
         symmetric = real_positions(got["symmetric_logits"]).double()
         err = (symmetric - exact).abs().max() / exact.abs().max()
-        assert err <= 1.5 * tp1_err, f"rank {rank}: one-shot all-reduce {err:.3e}"
+        assert err <= 2 * tp1_err, f"rank {rank}: one-shot all-reduce {err:.3e}"
     assert_same_results(*results, rank=1)
 
 

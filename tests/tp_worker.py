@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -20,6 +21,8 @@ def free_port() -> int:
 
 def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, device: str) -> None:
     """torchrun's variables, then every case on this rank."""
+    if sys.platform == "linux":  # gloo over the loopback: the ranks share this host
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),

@@ -116,7 +116,7 @@ class TensorParallel:
             trial.fill_(self.rank + 1)
             total = torch.ops.symm_mem.one_shot_all_reduce(trial, "sum", self.group.group_name)
             works = bool((total == self.world * (self.world + 1) // 2).all())
-        except (ImportError, AttributeError, RuntimeError):
+        except Exception:  # any failure of the optional path leaves NCCL in place
             buffers, works = None, False
         works = self.max_over_ranks(0 if works else 1) == 0
         self._symmetric = buffers if works else None
@@ -231,13 +231,19 @@ def end_started_group() -> None:
 def setup(tp: int, device: str | torch.device | None) -> tuple[TensorParallel, torch.device]:
     """The TensorParallel of zoo.load(..., tp=N) and the device of this rank. Uses the default
     process group, or starts one from torchrun's variables (nccl for CUDA, gloo for the CPU);
-    a CUDA device is this process's LOCAL_RANK GPU unless an index is given."""
+    a CUDA device is this process's LOCAL_RANK GPU (without LOCAL_RANK: the current one) unless
+    an index is given."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ValueError(f"tp: expected an int >= 1 (the number of GPUs), got {tp!r}")
     if not dist.is_available():
         raise ValueError(f"tp={tp}: this torch build has no torch.distributed")
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun's LOCAL_RANK; in a process group started without it, the GPU the caller chose
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        local_rank = int(local_rank)
+    elif cuda:
+        local_rank = torch.cuda.current_device()
     if not dist.is_initialized():
         missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
         if missing:
