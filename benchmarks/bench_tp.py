@@ -12,8 +12,8 @@ inside the graph. Measured, in this order:
      without the embedding table of which a step reads one row per token, plus its KV heads at
      the mean context) over the copy bandwidth measured on that GPU (the slowest GPU's);
      prefill of 1 x 2048 tokens (a plain call, graphed); decode at batch 32;
-  3. the batch-1 decodes again with the one-shot all-reduce over symmetric memory
-     (TensorParallel.enable_symmetric_memory), where the GPUs support it.
+  3. the batch-1 decodes again with every all-reduce through NCCL, when the default (zoo.load
+     on CUDA) was the one-shot all-reduce over symmetric memory for the small ones.
 Decode time per step is (generate(prompt, new) - generate(prompt, 1)) / (new - 1), each the median
 of a few runs after a warm-up (as benchmarks/bench_decoder.py). Only the first rank prints and
 writes the JSON.
@@ -68,17 +68,22 @@ def decode_row(model, batch: int, prompt: int, new: int, bandwidth: float | None
     return row
 
 
-def symmetric_row(model, result: dict, key: str, args, bandwidth: float, say) -> None:
-    """The batch-1 decode again with the one-shot all-reduce over symmetric memory (graphs
-    captured afresh), when the GPUs support it."""
-    if args.nccl_only or not model.tp.enable_symmetric_memory(torch.bfloat16):
+def nccl_row(model, result: dict, key: str, args, bandwidth: float, say) -> None:
+    """The batch-1 decode again with every all-reduce through NCCL (graphs captured afresh),
+    when the model's default was the one-shot all-reduce over symmetric memory."""
+    if args.default_only or not model.tp.symmetric_memory:
         return
-    model.engine.reset()
-    row = decode_row(model, 1, args.prompt, args.new, bandwidth)
-    result[f"{key}_symmetric"] = row
-    say(json.dumps({f"{key}_symmetric": row}), flush=True)
     model.tp.disable_symmetric_memory()
     model.engine.reset()
+    row = decode_row(model, 1, args.prompt, args.new, bandwidth)
+    result[f"{key}_nccl"] = row
+    say(json.dumps({f"{key}_nccl": row}), flush=True)
+    model.tp.enable_symmetric_memory(torch.bfloat16)
+    model.engine.reset()
+
+
+def all_reduce_name(model) -> str:
+    return "one-shot" if model.tp.symmetric_memory else "NCCL"
 
 
 def load(name: str, tp: int | None):
@@ -108,9 +113,9 @@ def main() -> None:
     parser.add_argument("--skip-small", action="store_true", help="no tp=N run of the small model")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument(
-        "--nccl-only",
+        "--default-only",
         action="store_true",
-        help="no second run with the symmetric-memory all-reduce",
+        help="no second batch-1 run with every all-reduce through NCCL",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -141,22 +146,23 @@ def main() -> None:
         row = decode_row(model, 1, args.prompt, args.new, bandwidth)
         result["small_tp"] = row | {"load_s": load_s}
         say(json.dumps({"small_tp": result["small_tp"]}), flush=True)
-        symmetric_row(model, result, "small_tp", args, bandwidth, say)
+        result["small_tp"]["all_reduce"] = all_reduce_name(model)
+        nccl_row(model, result, "small_tp", args, bandwidth, say)
         free(model)
 
     if not args.skip_large:
         model, load_s = load(args.large, world)
         say(f"{args.large} tp={world}: random init in {load_s:.1f} s", flush=True)
         row = decode_row(model, 1, args.prompt, args.new, bandwidth)
-        result["large_tp"] = row | {"load_s": load_s}
+        result["large_tp"] = row | {"load_s": load_s, "all_reduce": all_reduce_name(model)}
         say(json.dumps({"large_tp": result["large_tp"]}), flush=True)
         ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=model.device)
         result["large_prefill_ms"] = 1e3 * median_seconds(lambda: model(ids), repeats=5)
         say(json.dumps({"large_prefill_ms": result["large_prefill_ms"]}), flush=True)
         row = decode_row(model, args.batch, args.prompt, args.batch_new, bandwidth)
-        result["large_batch_tp"] = row
+        result["large_batch_tp"] = row | {"all_reduce": all_reduce_name(model)}
         say(json.dumps({"large_batch_tp": row}), flush=True)
-        symmetric_row(model, result, "large_tp", args, bandwidth, say)
+        nccl_row(model, result, "large_tp", args, bandwidth, say)
         free(model)
 
     report(result, args, bandwidth, say)
@@ -171,16 +177,17 @@ def report(result: dict, args, bandwidth: float, say) -> None:
     say("| model | tp | all-reduce | workload | ms per step | tokens/s | % of bandwidth limit |")
     say("| --- | --- | --- | --- | --- | --- | --- |")
     rows = [
-        (args.small, 1, "-", result.get("small_tp1")),
-        (args.small, world, "NCCL", result.get("small_tp")),
-        (args.small, world, "one-shot", result.get("small_tp_symmetric")),
-        (args.large, world, "NCCL", result.get("large_tp")),
-        (args.large, world, "one-shot", result.get("large_tp_symmetric")),
-        (args.large, world, "NCCL", result.get("large_batch_tp")),
+        (args.small, 1, result.get("small_tp1")),
+        (args.small, world, result.get("small_tp")),
+        (args.small, world, result.get("small_tp_nccl")),
+        (args.large, world, result.get("large_tp")),
+        (args.large, world, result.get("large_tp_nccl")),
+        (args.large, world, result.get("large_batch_tp")),
     ]
-    for name, tp, reduce, row in rows:
+    for name, tp, row in rows:
         if row is None:
             continue
+        reduce = row.get("all_reduce", "NCCL" if tp > 1 else "-")
         fraction = row.get("bandwidth_fraction")
         shown = f"{100 * fraction:.0f}%" if fraction is not None else "n/a"
         say(
@@ -188,7 +195,7 @@ def report(result: dict, args, bandwidth: float, say) -> None:
             f"| {row['tokens_per_s']:.1f} | {shown} |"
         )
     baseline = result.get("small_tp1")
-    for key in ("small_tp", "small_tp_symmetric"):
+    for key in ("small_tp", "small_tp_nccl"):
         if baseline is not None and key in result:
             speedup = result[key]["tokens_per_s"] / baseline["tokens_per_s"]
             result[f"{key}_speedup"] = speedup

@@ -271,8 +271,9 @@ def test_cli_tp_must_match_the_launch(capsys, monkeypatch):
 def test_symmetric_memory_stays_off_on_the_cpu(cpu_ranks):
     """The one-shot all-reduce is a GPU kernel: on the CPU the switch reports False and every
     all-reduce stays with the process group's backend."""
-    for rank in range(WORLD):
-        assert rank_results(cpu_ranks, "llama3")[rank]["symmetric_on"] is False
+    for result in rank_results(cpu_ranks, "llama3"):
+        assert result["symmetric_default"] is False
+        assert result["symmetric_on"] is False
 
 
 @pytest.mark.parametrize("name", list(ERROR_CASES))
@@ -365,6 +366,7 @@ def test_gpu_fp32_tp2_matches_tp1(name, checkpoints, gpu_ranks):
     expected = reference(checkpoints[name], name, "cuda")
     check_against_tp1(results, expected, FP32_RTOL)
     for rank, got in enumerate(results):
+        assert got["symmetric_default"], f"rank {rank}: zoo.load left symmetric memory off"
         assert got["symmetric_on"], f"rank {rank}: symmetric memory unavailable"
         for key in ("graph_logits", "symmetric_logits"):
             assert_close(

@@ -53,7 +53,9 @@ def run_case(zoo, case: dict, world: int, device: str) -> dict:
         return {"error": str(e)}
     except Exception:
         return {"crash": traceback.format_exc()}
-    result = {}
+    # on the GPU zoo.load turns the symmetric-memory all-reduce on: first NCCL alone
+    result = {"symmetric_default": model.tp.symmetric_memory}
+    model.tp.disable_symmetric_memory()
     ids = case["ids"].to(model.device)
     mask = case["mask"].to(model.device)
     new = case["max_new_tokens"]

@@ -144,7 +144,7 @@ def load(
     model.generation_config = GenerationConfig.from_dict(generation_config)
     model.tokenizer = _load_tokenizer(folder) if folder is not None else None
     if parallel is not None and device.type == "cuda":
-        parallel.prepare_graphs(model)
+        parallel.prepare_gpu(model, dtype)
     return model
 
 

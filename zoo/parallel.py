@@ -104,10 +104,11 @@ class TensorParallel:
         """Route the row-split projections' all-reduces of up to max_bytes (of dtype) through
         torch's symmetric-memory one-shot all-reduce (torch.distributed._symmetric_memory: each
         GPU reads its peers' parts directly, with less latency than NCCL at decode sizes); the
-        rest stays with NCCL. Returns whether it is on: False, NCCL kept, on the CPU, with a
-        torch without it, or where the GPUs cannot map each other's memory (checked with a
-        trial all-reduce; every rank must agree). Call on every rank alike; graphs captured
-        before keep NCCL (model.engine.reset() drops them)."""
+        rest stays with NCCL. zoo.load turns it on for CUDA models. Returns whether it is on:
+        False, NCCL kept, on the CPU, with a torch without it, or where the GPUs cannot map
+        each other's memory (checked with a trial all-reduce; every rank must agree). Call on
+        every rank alike; graphs captured before keep what they captured (model.engine.reset()
+        drops them)."""
         if self.device.type != "cuda":
             return False
         try:
@@ -123,8 +124,14 @@ class TensorParallel:
         return works
 
     def disable_symmetric_memory(self) -> None:
-        """Back to NCCL for every all-reduce (for graphs captured from now on)."""
+        """Back to NCCL for every all-reduce (for graphs captured from now on: call
+        model.engine.reset() to drop the others)."""
         self._symmetric = None
+
+    @property
+    def symmetric_memory(self) -> bool:
+        """Whether small all-reduces take the one-shot kernel over symmetric memory."""
+        return self._symmetric is not None
 
     def symmetric_out(self, shape: tuple[int, ...], dtype: torch.dtype, slot: int):
         """A view of symmetric buffer `slot` to write a projection's output of this shape into,
@@ -155,16 +162,18 @@ class TensorParallel:
             buffers.append(buffer)
         return buffers
 
-    def prepare_graphs(self, model: nn.Module) -> None:
-        """CUDA graphs of a model on these ranks: captured beside torch.distributed's watchdog
-        thread (whose CUDA calls a "global" capture refuses), and the plain-call graphs kept and
-        evicted alike on every rank (zoo.graphs.GraphPool.agree_bytes)."""
+    def prepare_gpu(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """A model on these GPUs: its CUDA graphs captured beside torch.distributed's watchdog
+        thread (whose CUDA calls a "global" capture refuses), its plain-call graphs kept and
+        evicted alike on every rank (zoo.graphs.GraphPool.agree_bytes), and its small
+        all-reduces through symmetric memory where the GPUs allow it."""
         from zoo.graphs import graph_pool
 
         model.graph_capture_mode = "thread_local"
         pool = graph_pool(model)
         pool.capture_mode = "thread_local"
         pool.agree_bytes = self.max_over_ranks
+        self.enable_symmetric_memory(dtype)
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
