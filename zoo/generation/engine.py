@@ -317,6 +317,7 @@ class GenerationEngine:
         budget = memory_budget(self.model.device)
         if self._runner is not None:  # freed before the new runner is made
             budget += tensor_bytes(self._runner.cache)
+        budget = self.model.shared_value(budget, "min")  # every rank refuses alike
         if needed > budget:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens}: a batch of {batch} rows x {length} cache "
@@ -388,7 +389,7 @@ class GenerationEngine:
             b.seen.scatter_(1, seen_ids, True)
         if seed is None:
             # follows torch.manual_seed
-            seed = self.model.common_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            seed = self.model.shared_value(int(torch.randint(0, 2**62, (1,)).item()))
         runner.generator.manual_seed(seed)
         b.positions.copy_(prefill.positions)
         if prefill.logits is None:

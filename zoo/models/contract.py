@@ -87,11 +87,12 @@ class GenerativeLM(nn.Module, ABC):
     def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse a generation beyond the model's context; here none (memory bounds it)."""
 
-    def common_seed(self, seed: int) -> int:
-        """The sampling seed of a generation that was given none: this process's draw, or, for
-        a model spread over several processes (tensor parallel), the first rank's on every rank,
-        so that all of them choose the same tokens."""
-        return seed
+    def shared_value(self, value: int, pick: str = "first") -> int:
+        """A value every process of the model must agree on (the sampling seed of a generation
+        given none, "first": rank 0's draw; the memory a generation may take, "min": the
+        tightest device's), so that all of them choose the same tokens and refuse the same
+        calls. A model in one process keeps its own value; a tensor-parallel one exchanges it."""
+        return value
 
     def encoder_length(self, prompt_length: int) -> int:
         """Encoder slots the cache keeps for a prompt of prompt_length tokens (0: no encoder)."""

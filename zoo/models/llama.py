@@ -344,5 +344,11 @@ class Llama(DecoderOnlyLM):
         logits = matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)
         return logits if self.tp is None else self.tp.gather_vocab(logits, self.config.vocab_size)
 
-    def common_seed(self, seed: int) -> int:
-        return seed if self.tp is None else self.tp.broadcast_int(seed)
+    def shared_value(self, value: int, pick: str = "first") -> int:
+        if self.tp is None:
+            return value
+        if pick == "first":
+            return self.tp.broadcast_int(value)
+        if pick == "min":
+            return -self.tp.max_over_ranks(-value)
+        raise ValueError(f"pick: expected 'first' or 'min', got {pick!r}")
