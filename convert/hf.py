@@ -211,7 +211,8 @@ def _read_part(f, key: str, part: Part) -> torch.Tensor:
             f"tensor {key!r} has shape {shape}: expected size {part.size} along dimension "
             f"{part.dim} (from config.json)"
         )
-    return stored[part.index()]
+    pieces = [stored[index] for index in part.indices()]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.dim)
 
 
 def tensor_names(files: list[Path]) -> set[str]:
@@ -353,16 +354,22 @@ def _shape_error(file: Path, key: str, shape, expected) -> CheckpointError:
 
 @dataclass(frozen=True)
 class Part:
-    """The slice of a stored tensor that is read (a tensor-parallel rank's share): [start, end)
-    along dimension `dim` of the tensor as stored, whose full extent there is `size`."""
+    """What is read of a stored tensor (a tensor-parallel rank's share): the ranges [start, end)
+    along dimension `dim` of the tensor as stored, concatenated in that order (several for a
+    tensor that is itself fused: GPT-2's c_attn, a rank's q, k and v columns), out of its full
+    extent `size` there."""
 
     dim: int
-    start: int
-    end: int
+    ranges: tuple[tuple[int, int], ...]
     size: int
 
-    def index(self) -> tuple[slice, ...]:
-        return (slice(None),) * self.dim + (slice(self.start, self.end),)
+    @classmethod
+    def span(cls, dim: int, start: int, end: int, size: int) -> Part:
+        """One range [start, end) along dim."""
+        return cls(dim, ((start, end),), size)
+
+    def indices(self) -> list[tuple[slice, ...]]:
+        return [(slice(None),) * self.dim + (slice(a, b),) for a, b in self.ranges]
 
 
 @dataclass(frozen=True)

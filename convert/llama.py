@@ -23,7 +23,7 @@ def key_map(config, shard: Shard | None = None) -> KeyMap:
     whole = shard.world == 1
 
     def part(dim: int, start: int, end: int, size: int) -> Part | None:
-        return None if whole else Part(dim, start, end, size)
+        return None if whole else Part.span(dim, start, end, size)
 
     q_rows, kv_rows, inter = (q1 - q0) * d, (kv1 - kv0) * d, i1 - i0
     q_part = part(0, q0 * d, q1 * d, c.num_heads * d)

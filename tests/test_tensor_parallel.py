@@ -84,6 +84,21 @@ CASES = {
             tie_word_embeddings=True,
         ),
     ),
+    # GPT-2: c_attn's q, k and v columns of a rank's heads, Conv1D transposes, biases of the
+    # row-split projections added once, tied head of an odd vocabulary
+    "gpt2": (
+        "GPT2LMHeadModel",
+        dict(
+            vocab_size=99,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_inner=96,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 }
 # checkpoints whose sizes do not split over 2 ranks, and the error that must name them
 ERROR_CASES = {
@@ -127,11 +142,16 @@ ERROR_CASES = {
 
 
 def save_checkpoint(path, architecture: str, config_kwargs: dict, sharded: bool = False):
-    config_class = architecture.replace("ForCausalLM", "Config")
+    config_class = {"GPT2LMHeadModel": "GPT2Config"}.get(
+        architecture, architecture.replace("ForCausalLM", "Config")
+    )
     config = getattr(transformers, config_class)(**config_kwargs)
     torch.manual_seed(1)
     model = getattr(transformers, architecture)(config).eval()
-    spread_weights_(model, lambda name: "norm" in name)
+    # norm weights around 1: Llama's *norm.weight, GPT-2's ln_*.weight
+    spread_weights_(
+        model, lambda name: "norm.weight" in name or ".ln_" in name and "weight" in name
+    )
     model.save_pretrained(path, max_shard_size="20KB" if sharded else "1GB")
     return path
 
@@ -316,7 +336,6 @@ def test_tp_must_be_a_count(checkpoints, tp):
 @pytest.mark.parametrize(
     "config",
     [
-        dict(model_type="gpt2", n_embd=32, n_head=2, n_layer=1, vocab_size=50),
         dict(
             model_type="t5", d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=50
         ),

@@ -107,9 +107,8 @@ def load(
     if tp is not None and tp > 1:
         if not family.tensor_parallel:
             raise ValueError(
-                f"{source}: tp={tp}: tensor parallelism covers the Llama-layout decoders "
-                f"(llama, granite, mistral, qwen2, qwen3), not model_type "
-                f"{hf_config['model_type']!r}"
+                f"{source}: tp={tp}: tensor parallelism covers the decoders (llama, granite, "
+                f"mistral, qwen2, qwen3, gpt2), not model_type {hf_config['model_type']!r}"
             )
         from zoo import parallel as tensor_parallel
 

@@ -41,6 +41,17 @@ class Linear(nn.Module):
         )
 
 
+def output_projection(
+    in_features: int, out_features: int, bias: bool, tp=None, slot: int = 0
+) -> nn.Module:
+    """A projection back to the hidden size (attention out, MLP down): a Linear, or, tensor
+    parallel (tp: a zoo.parallel.TensorParallel), split along its input features over the ranks
+    (in_features: this rank's; slot: its symmetric-memory buffer, one per kind)."""
+    if tp is None:
+        return Linear(in_features, out_features, bias)
+    return tp.row_linear(in_features, out_features, bias, slot)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()

@@ -92,6 +92,14 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
 
+    def shared_value(self, value: int, pick: str) -> int:
+        """rank 0's value ("first") or the smallest ("min"), on every rank."""
+        if pick == "first":
+            return self.broadcast_int(value)
+        if pick == "min":
+            return -self.max_over_ranks(-value)
+        raise ValueError(f"pick: expected 'first' or 'min', got {pick!r}")
+
     def row_linear(
         self, in_features: int, out_features: int, bias: bool, slot: int = 0
     ) -> RowParallelLinear:

@@ -38,7 +38,7 @@ def _gpt2() -> Family:
     from convert.gpt2 import key_map, normalize_key
     from zoo.models.gpt2 import GPT2, GPT2Config
 
-    return Family(GPT2Config.from_hf, GPT2, key_map, normalize_key)
+    return Family(GPT2Config.from_hf, GPT2, key_map, normalize_key, tensor_parallel=True)
 
 
 def _bert() -> Family:

@@ -39,6 +39,7 @@ from zoo.layers import (
     RMSNorm,
     SelfAttention,
     init_random_,
+    output_projection,
     output_rows,
     rope_inv_freq,
 )
@@ -215,21 +216,13 @@ def _check_window(window: int | None, layer_types: tuple[str, ...] | None, num_l
         )
 
 
-def _projection_out(in_features: int, out_features: int, bias: bool, tp, slot: int) -> nn.Module:
-    """A projection back to the hidden size (attention out: slot 0, down: slot 1): split along
-    its input features over the ranks when tensor parallel (tp: a zoo.parallel.TensorParallel)."""
-    if tp is None:
-        return Linear(in_features, out_features, bias)
-    return tp.row_linear(in_features, out_features, bias, slot)
-
-
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig, shard: Shard, tp=None) -> None:
         super().__init__()
         start, end = shard.split(config.intermediate_size, "intermediate_size")
         inter = end - start  # this rank's MLP rows (all of them without tensor parallelism)
         self.gate_up = Linear(config.hidden_size, 2 * inter, config.mlp_bias)
-        self.down = _projection_out(inter, config.hidden_size, config.mlp_bias, tp, slot=1)
+        self.down = output_projection(inter, config.hidden_size, config.mlp_bias, tp, slot=1)
 
     def forward(self, x, residual, residual_scale):
         hidden = self.gate_up(x, activation="silu_mul")  # silu(gate) * up, (B, T, I)
@@ -253,7 +246,7 @@ class LlamaBlock(nn.Module):
             out_bias=config.attention_bias,
             window=config.layer_window(layer),
             qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
-            out=_projection_out(
+            out=output_projection(
                 (q1 - q0) * config.head_dim, config.hidden_size, config.attention_bias, tp, slot=0
             ),
         )
@@ -284,7 +277,7 @@ class Llama(DecoderOnlyLM):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.num_kv_heads = self.layers[0].attn.num_kv_heads  # this rank's
         # this rank's rows of the LM head (all of them without tensor parallelism)
-        self.vocab_rows = shard.vocab(config.vocab_size) if tp else (0, config.vocab_size)
+        self.vocab_rows = self.head_rows(config.vocab_size)
         # a tied head reads the embedding matrix itself (no second parameter to keep in sync)
         self.lm_head = (
             None
@@ -342,13 +335,4 @@ class Llama(DecoderOnlyLM):
         else:
             head = self.lm_head.weight
         logits = matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)
-        return logits if self.tp is None else self.tp.gather_vocab(logits, self.config.vocab_size)
-
-    def shared_value(self, value: int, pick: str = "first") -> int:
-        if self.tp is None:
-            return value
-        if pick == "first":
-            return self.tp.broadcast_int(value)
-        if pick == "min":
-            return -self.tp.max_over_ranks(-value)
-        raise ValueError(f"pick: expected 'first' or 'min', got {pick!r}")
+        return self.full_logits(logits)
