@@ -8,7 +8,7 @@ The conversation is rendered with the checkpoint's own chat template (as transfo
 apply_chat_template renders it) and each reply ends at the model's end-of-turn token. Commands:
 /reset starts over, /quit (or Ctrl-D) leaves.
 
-Tensor parallel over several GPUs (a Llama-layout model; the first rank reads and prints):
+Tensor parallel over several GPUs (a decoder; the first rank reads and prints):
     torchrun --nproc-per-node 2 examples/chat.py --model llama3-70b-instruct
 """
 

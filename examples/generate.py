@@ -8,7 +8,7 @@
 Greedy unless --do-sample. One prompt with --stream prints the text as it is produced; several
 prompts run as one left-padded batch (each row stops at its own EOS or stop string).
 
-Tensor parallel over several GPUs (a Llama-layout model; only the first rank prints):
+Tensor parallel over several GPUs (Llama, Granite, Mistral, Qwen, GPT-2; the first rank prints):
     torchrun --nproc-per-node 2 examples/generate.py --model llama3-70b-instruct --stream
 """
 
