@@ -2,7 +2,8 @@
 against the same checkpoint at tp=1: logits of a left-padded batch and greedy tokens; sampled
 tokens the same on both ranks; checkpoints whose sizes do not split refused, naming the size.
 
-The two ranks run in one spawn per device (tp_worker.py), over every case at once."""
+The two ranks run in one spawn (tp_worker.py) over every case at once: on two GPUs when there
+are, else on the CPU; bf16 in a second spawn on the GPUs."""
 
 import json
 
@@ -199,12 +200,27 @@ def spawn_ranks(checkpoints, out_dir, device: str, dtype: str = "float32") -> di
     }
 
 
+# Where the two ranks run: two GPUs (NCCL), else the CPU (gloo) of a machine without a GPU;
+# with one GPU, nowhere (NCCL takes one GPU per rank, and this process's kernels are compiled for
+# the GPU, so it cannot compute CPU references).
+if torch.cuda.device_count() >= 2:
+    RANKS_DEVICE = "cuda"
+elif not torch.cuda.is_available():
+    RANKS_DEVICE = "cpu"
+else:
+    RANKS_DEVICE = None
+two_gpus = pytest.mark.skipif(RANKS_DEVICE != "cuda", reason="needs 2 CUDA devices")
+
+
 @pytest.fixture(scope="module")
-def cpu_ranks(checkpoints, tmp_path_factory):
-    return spawn_ranks(checkpoints, tmp_path_factory.mktemp("cpu-ranks"), "cpu")
+def ranks(checkpoints, tmp_path_factory):
+    """Every case's fp32 results on the two ranks."""
+    if RANKS_DEVICE is None:
+        pytest.skip("one GPU: two ranks need two GPUs, or a machine without one (gloo)")
+    return spawn_ranks(checkpoints, tmp_path_factory.mktemp("ranks"), RANKS_DEVICE)
 
 
-def reference(path, name: str, device: str = "cpu", dtype=torch.float32) -> dict:
+def reference(path, name: str, device: str = RANKS_DEVICE, dtype=torch.float32) -> dict:
     """The same calls at tp=1."""
     model = zoo.load(path, device=device, dtype=dtype)
     case = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs(name).items()}
@@ -245,16 +261,16 @@ def check_against_tp1(results: list[dict], expected: dict, rtol: float) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_tp2_matches_tp1(name, checkpoints, cpu_ranks):
-    results = rank_results(cpu_ranks, name)
+def test_tp2_matches_tp1(name, checkpoints, ranks):
+    results = rank_results(ranks, name)
     check_against_tp1(results, reference(checkpoints[name], name), FP32_RTOL)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_rank_has_the_same_results(name, cpu_ranks):
+def test_every_rank_has_the_same_results(name, ranks):
     """Bitwise: each vocabulary part is computed once and gathered; sampling without a seed
     draws rank 0's on every rank."""
-    first, *others = rank_results(cpu_ranks, name)
+    first, *others = rank_results(ranks, name)
     for rank, other in enumerate(others, start=1):
         assert_same_results(first, other, rank)
 
@@ -266,14 +282,14 @@ def assert_same_results(first: dict, other: dict, rank: int) -> None:
         assert same, f"rank {rank} {key} differs from rank 0's"
 
 
-def test_cli_prints_on_the_first_rank_only(checkpoints, cpu_ranks, capsys):
+def test_cli_prints_on_the_first_rank_only(checkpoints, ranks, capsys):
     """`torchrun --nproc-per-node 2 -m zoo.cli generate ... --chat`: the first rank prints the
     reply tp=1 prints, the other rank nothing."""
     from zoo.cli import main
 
-    assert main(cli_argv(checkpoints["cli"], "cpu")) == 0
+    assert main(cli_argv(checkpoints["cli"], RANKS_DEVICE)) == 0
     expected = capsys.readouterr()
-    first, other = cpu_ranks[("cli", 0)], cpu_ranks[("cli", 1)]
+    first, other = ranks[("cli", 0)], ranks[("cli", 1)]
     assert first["status"] == other["status"] == 0, first["stderr"] + other["stderr"]
     assert first["stdout"] == expected.out and expected.out.strip()
     assert other["stdout"] == other["stderr"] == ""
@@ -288,19 +304,20 @@ def test_cli_tp_must_match_the_launch(capsys, monkeypatch):
     assert "--tp 2: launch 2 processes with torchrun --nproc-per-node 2" in capsys.readouterr().err
 
 
-def test_symmetric_memory_stays_off_on_the_cpu(cpu_ranks):
-    """The one-shot all-reduce is a GPU kernel: on the CPU the switch reports False and every
-    all-reduce stays with the process group's backend."""
-    for result in rank_results(cpu_ranks, "llama3"):
-        assert result["symmetric_default"] is False
-        assert result["symmetric_on"] is False
+def test_symmetric_memory_is_on_where_the_gpus_have_it(ranks):
+    """zoo.load turns the one-shot all-reduce on for GPUs (the H200s of the two-GPU machine
+    have it); on the CPU the switch reports False and every all-reduce stays with gloo."""
+    on_gpus = RANKS_DEVICE == "cuda"
+    for result in rank_results(ranks, "llama3"):
+        assert result["symmetric_default"] is on_gpus
+        assert result["symmetric_on"] is on_gpus
 
 
 @pytest.mark.parametrize("name", list(ERROR_CASES))
-def test_sizes_that_do_not_split_are_refused(name, checkpoints, cpu_ranks):
+def test_sizes_that_do_not_split_are_refused(name, checkpoints, ranks):
     match = ERROR_CASES[name][2]
     for rank in range(WORLD):
-        result = cpu_ranks[(name, rank)]
+        result = ranks[(name, rank)]
         assert "crash" not in result, result["crash"]
         assert match in result.get("error", ""), result
         assert str(checkpoints[name]) in result["error"]
@@ -365,28 +382,21 @@ def test_tp1_is_the_single_process_model(checkpoints):
 
 # ----------------------------------------------------------------------------------- two GPUs
 
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-
 
 @pytest.fixture(scope="module")
-def gpu_ranks(checkpoints, tmp_path_factory):
-    out = {}
-    for dtype in ("float32", "bfloat16"):
-        out_dir = tmp_path_factory.mktemp(f"gpu-ranks-{dtype}")
-        out[dtype] = spawn_ranks(checkpoints, out_dir, "cuda", dtype)
-    return out
+def bf16_ranks(checkpoints, tmp_path_factory):
+    return spawn_ranks(checkpoints, tmp_path_factory.mktemp("bf16-ranks"), "cuda", "bfloat16")
 
 
 @two_gpus
 @pytest.mark.parametrize("name", list(CASES))
-def test_gpu_fp32_tp2_matches_tp1(name, checkpoints, gpu_ranks):
-    """Also through the symmetric-memory all-reduce, and with graphs (plain call and decode)."""
-    results = rank_results(gpu_ranks["float32"], name)
-    expected = reference(checkpoints[name], name, "cuda")
-    check_against_tp1(results, expected, FP32_RTOL)
+def test_gpu_graphs_and_one_shot_all_reduce_match_tp1(name, checkpoints, ranks):
+    """fp32 on two GPUs, through CUDA graphs (plain call and decode) and the one-shot
+    all-reduce over symmetric memory."""
+    results = rank_results(ranks, name)
+    expected = reference(checkpoints[name], name)
     for rank, got in enumerate(results):
-        assert got["symmetric_default"], f"rank {rank}: zoo.load left symmetric memory off"
-        assert got["symmetric_on"], f"rank {rank}: symmetric memory unavailable"
+        assert got["symmetric_on"], f"rank {rank}: the one-shot all-reduce is unavailable"
         for key in ("graph_logits", "symmetric_logits"):
             assert_close(
                 real_positions(got[key]),
@@ -400,12 +410,12 @@ def test_gpu_fp32_tp2_matches_tp1(name, checkpoints, gpu_ranks):
 
 @two_gpus
 @pytest.mark.parametrize("name", list(CASES))
-def test_gpu_bf16_tp2_tracks_fp32_as_closely_as_tp1(name, checkpoints, gpu_ranks):
+def test_gpu_bf16_tp2_tracks_fp32_as_closely_as_tp1(name, checkpoints, bf16_ranks):
     """bf16 at tp=2 against the fp32 logits: the error at most 2x tp=1's bf16 error (each
     row-split projection rounds the ranks' parts to bf16 before summing them: two roundings
     more than tp=1's one), top-1 agreement >= 95%; the ranks agree bitwise; graphed calls and
     decode equal the eager ones."""
-    results = rank_results(gpu_ranks["bfloat16"], name)
+    results = rank_results(bf16_ranks, name)
     exact = real_positions(reference(checkpoints[name], name, "cuda")["logits"]).double()
     tp1 = real_positions(reference(checkpoints[name], name, "cuda", torch.bfloat16)["logits"])
     tp1_err = (tp1.double() - exact).abs().max() / exact.abs().max()
