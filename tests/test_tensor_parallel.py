@@ -373,11 +373,22 @@ def test_other_families_refuse_tp(config, tmp_path):
 
 
 def test_tp1_is_the_single_process_model(checkpoints):
-    """tp=1 (and None) is today's model: no process group, no torch.distributed use."""
-    import torch.distributed as dist
+    """tp=1 (and None) is today's model: no process group, zoo.parallel never imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    model = zoo.load(checkpoints["qwen2"], tp=1)
-    assert model.tp is None and not dist.is_initialized()
+    script = (
+        "import sys, torch.distributed as dist, zoo\n"
+        f"model = zoo.load({str(checkpoints['qwen2'])!r}, device='meta', tp=1)\n"
+        "assert model.tp is None and not dist.is_initialized()\n"
+        "assert 'zoo.parallel' not in sys.modules, 'tp=1 imported zoo.parallel'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
 
 
 # ----------------------------------------------------------------------------------- two GPUs
