@@ -26,6 +26,10 @@
 #             then under the winning options (or SPEED_OPTIONS="..." given as ZOO_KERNELS):
 #             Llama-3-8B decode at batch 1/8/32/64/128 (prompt 512, 64 new) with the 1x2048
 #             prefill, and Bert-base at 8x512 and 32x512, each with its roofline line
+#   tp        tensor parallel over every GPU of the host (torchrun, benchmarks/bench_tp.py):
+#             Llama-3-8B decode at tp=N vs tp=1, Llama-3-70B decode (% of the bandwidth limit),
+#             prefill 1x2048 and batch-32 decode
+#   tp-tests  the tensor-parallel tests (two ranks on two GPUs, fp32 and bf16)
 # Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
 # call); every stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
@@ -129,6 +133,13 @@ for stage in "$@"; do
       else
         echo "benchmarks/bench_launch.py is absent: launch skipped"
       fi ;;
+    tp)
+      gpus=$(nvidia-smi -L | wc -l)
+      # TP_ARGS="--skip-large" / "--skip-tp1 --skip-small" split it over two calls if need be
+      # shellcheck disable=SC2086
+      torchrun --nproc-per-node "$gpus" benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/bench_tp.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    tp-tests)
+      python -m pytest -q -rs -s -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/pytest_tp.log" | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage took ${SECONDS}s"

@@ -5,7 +5,8 @@ straight into preallocated parameters (on their device and dtype), so the host n
 model twice: a fused parameter (QKV, gate-up) is assembled in place from its parts, wherever the
 parts sit among the shards. Each tensor is read through its own memory map, unmapped once it has
 been copied, so the file pages resident at any time are one tensor's, not a shard's: loading to a
-GPU holds about one tensor in host memory, loading to the CPU the model plus one tensor.
+GPU holds about one tensor in host memory, loading to the CPU the model plus one tensor. A
+tensor-parallel rank reads only its rows or columns of each tensor (a Target's Part).
 """
 
 from __future__ import annotations
@@ -174,22 +175,44 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+def iter_tensors(
+    files: list[Path], part_of: Callable[[str], Part | None] = lambda key: None
+) -> Iterator[tuple[str, Path, torch.Tensor]]:
     """Yield (key, file, tensor) one tensor at a time: a CPU tensor read from the memory-mapped
     file. Each tensor gets its own mapping, released as soon as the consumer lets go of the tensor
     and asks for the next one, so the file pages resident in memory are one tensor's at a time
-    (mapped pages that were read count toward RSS until unmapped)."""
+    (mapped pages that were read count toward RSS until unmapped). part_of(key): the slice of
+    that tensor to read (None: all of it); only the slice's bytes are copied out of the file."""
     for file in files:
         with _open(file) as f:
             keys = list(f.keys())
         for key in keys:
+            part = part_of(key)
             with _open(file) as f:
                 try:
-                    tensor = f.get_tensor(key)
+                    if part is None:
+                        tensor = f.get_tensor(key)
+                    else:
+                        tensor = _read_part(f, key, part)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{file}: {e}") from None
                 except Exception as e:
                     raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from e
             yield key, file, tensor
             del tensor  # the last reference to this tensor's mapping: unmapped here
+
+
+def _read_part(f, key: str, part: Part) -> torch.Tensor:
+    """part of tensor key of an open safetensors file, its extent checked first."""
+    stored = f.get_slice(key)
+    shape = tuple(stored.get_shape())
+    if part.dim >= len(shape) or shape[part.dim] != part.size:
+        raise CheckpointError(
+            f"tensor {key!r} has shape {shape}: expected size {part.size} along dimension "
+            f"{part.dim} (from config.json)"
+        )
+    pieces = [stored[index] for index in part.indices()]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.dim)
 
 
 def tensor_names(files: list[Path]) -> set[str]:
@@ -316,7 +339,10 @@ def _expected_shape(param: torch.Tensor, target: Target) -> tuple[int, ...]:
     """The shape a checkpoint tensor must have to fill target's rows of param, as stored."""
     row_end = param.shape[0] if target.row_end is None else target.row_end
     shape = (row_end - target.row_start, *param.shape[1:])
-    return shape[::-1] if target.transpose else shape
+    shape = shape[::-1] if target.transpose else shape
+    if target.part is None:
+        return shape
+    return tuple(target.part.size if d == target.part.dim else n for d, n in enumerate(shape))
 
 
 def _shape_error(file: Path, key: str, shape, expected) -> CheckpointError:
@@ -327,14 +353,36 @@ def _shape_error(file: Path, key: str, shape, expected) -> CheckpointError:
 
 
 @dataclass(frozen=True)
+class Part:
+    """What is read of a stored tensor (a tensor-parallel rank's share): the ranges [start, end)
+    along dimension `dim` of the tensor as stored, concatenated in that order (several for a
+    tensor that is itself fused: GPT-2's c_attn, a rank's q, k and v columns), out of its full
+    extent `size` there."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    size: int
+
+    @classmethod
+    def span(cls, dim: int, start: int, end: int, size: int) -> Part:
+        """One range [start, end) along dim."""
+        return cls(dim, ((start, end),), size)
+
+    def indices(self) -> list[tuple[slice, ...]]:
+        return [(slice(None),) * self.dim + (slice(a, b),) for a, b in self.ranges]
+
+
+@dataclass(frozen=True)
 class Target:
     """Where one checkpoint tensor goes: rows [row_start, row_end) of a zoo parameter (all rows
-    when row_end is None), transposed first when the checkpoint stores it (in, out) (GPT-2 Conv1D)."""
+    when row_end is None), transposed first when the checkpoint stores it (in, out) (GPT-2 Conv1D).
+    part: only that slice of the stored tensor is read (None: all of it)."""
 
     param: str
     row_start: int = 0
     row_end: int | None = None
     transpose: bool = False
+    part: Part | None = None
 
 
 # A key map sends each checkpoint key to a Target, or to DROP for tensors that are not parameters
@@ -369,7 +417,12 @@ def load_state(
     total = len(tensor_names(files)) if progress is not None else 0
     seen: dict[str, Path] = {}
     unexpected: list[str] = []
-    for done, (raw_key, file, tensor) in enumerate(iter_tensors(files), start=1):
+
+    def part_of(raw_key: str) -> Part | None:
+        target = key_map.get(normalize_key(raw_key))
+        return None if target is DROP else target.part
+
+    for done, (raw_key, file, tensor) in enumerate(iter_tensors(files, part_of), start=1):
         if progress is not None:
             progress(done, total)
         key = normalize_key(raw_key)
@@ -392,7 +445,11 @@ def load_state(
         destination = param.data[target.row_start : row_end]
         source = tensor.t() if target.transpose else tensor
         if source.shape != destination.shape:
-            raise _shape_error(file, raw_key, tensor.shape, _expected_shape(param, target))
+            stored = tensor.shape
+            if target.part is not None:  # what was read is a slice: name the full extent
+                dim = target.part.dim
+                stored = (*stored[:dim], target.part.size, *stored[dim + 1 :])
+            raise _shape_error(file, raw_key, stored, _expected_shape(param, target))
         destination.copy_(source)
         del tensor, source
     if unexpected:

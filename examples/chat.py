@@ -7,12 +7,15 @@
 The conversation is rendered with the checkpoint's own chat template (as transformers'
 apply_chat_template renders it) and each reply ends at the model's end-of-turn token. Commands:
 /reset starts over, /quit (or Ctrl-D) leaves.
+
+Tensor parallel over several GPUs (a decoder; the first rank reads and prints):
+    torchrun --nproc-per-node 2 examples/chat.py --model llama3-70b-instruct
 """
 
 import argparse
 
 import zoo
-from zoo.cli import add_sampling_arguments, int_at_least, sampling_options
+from zoo.cli import add_sampling_arguments, int_at_least, launched_ranks, sampling_options
 
 
 def main() -> None:
@@ -28,18 +31,19 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    model = zoo.load(args.model, device=args.device)
+    rank, world = launched_ranks()  # under torchrun: tensor parallel over its processes
+    model = zoo.load(args.model, device=args.device, tp=world)
+    show = print if rank == 0 else lambda *a, **k: None
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         parser.error(f"{args.model}: no tokenizer with a chat template beside the checkpoint")
     sampling = sampling_options(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    print("/reset starts over, /quit leaves")
+    show("/reset starts over, /quit leaves")
     while True:
-        try:
-            user = input("\nyou> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
+        user = read_line(rank, world)
+        if user is None:
+            show()
             break
         if user == "/quit":
             break
@@ -51,21 +55,37 @@ def main() -> None:
         messages.append({"role": "user", "content": user})
         room = model.max_length - len(model.tokenizer.apply_chat_template(messages, tokenize=True))
         if room < 1:
-            print("[the conversation fills the model's context: /reset]")
+            show("[the conversation fills the model's context: /reset]")
             messages.pop()
             continue
-        print("bot> ", end="", flush=True)
+        show("bot> ", end="", flush=True)
         reply = ""
         try:
             for piece in model.chat(
                 messages, max_new_tokens=min(args.max_new_tokens, room), stream=True, **sampling
             ):
-                print(piece, end="", flush=True)
+                show(piece, end="", flush=True)
                 reply += piece
         except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
-            print(" [interrupted]", end="")
-        print()
+            show(" [interrupted]", end="")
+        show()
         messages.append({"role": "assistant", "content": reply})
+
+
+def read_line(rank: int, world: int) -> str | None:
+    """The user's next line (None: end of input), read on the first rank and shared with the
+    others (tensor parallel)."""
+    line = None
+    if rank == 0:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            line = None
+    if world > 1:
+        from zoo.parallel import from_first_rank
+
+        line = from_first_rank(line)
+    return line
 
 
 if __name__ == "__main__":

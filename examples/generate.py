@@ -7,6 +7,9 @@
 
 Greedy unless --do-sample. One prompt with --stream prints the text as it is produced; several
 prompts run as one left-padded batch (each row stops at its own EOS or stop string).
+
+Tensor parallel over several GPUs (Llama, Granite, Mistral, Qwen, GPT-2; the first rank prints):
+    torchrun --nproc-per-node 2 examples/generate.py --model llama3-70b-instruct --stream
 """
 
 import argparse
@@ -15,7 +18,7 @@ import time
 import torch
 
 import zoo
-from zoo.cli import add_sampling_arguments, int_at_least, sampling_options
+from zoo.cli import add_sampling_arguments, int_at_least, launched_ranks, sampling_options
 
 
 def main() -> None:
@@ -33,18 +36,20 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    model = zoo.load(args.model, device=args.device)
+    rank, world = launched_ranks()  # under torchrun: tensor parallel over its processes
+    model = zoo.load(args.model, device=args.device, tp=world)
+    show = print if rank == 0 else lambda *a, **k: None
     prompts = args.prompt or ["The three laws of thermodynamics are"]
     if args.stream and len(prompts) > 1:
         parser.error("--stream takes one --prompt")
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling_options(args))
     start = time.perf_counter()
     if args.stream:
-        print(prompts[0], end="", flush=True)
+        show(prompts[0], end="", flush=True)
         stream = model.generate(prompts[0], stream=True, **options)
         for piece in stream:
-            print(piece, end="", flush=True)
-        print("\n")
+            show(piece, end="", flush=True)
+        show("\n")
         texts = None
     else:
         texts = model.generate(prompts, **options)
@@ -53,13 +58,13 @@ def main() -> None:
     seconds = time.perf_counter() - start
     if texts is not None:
         for prompt, text in zip(prompts, texts, strict=True):
-            print(f"{prompt}{text}\n")
-        print(
+            show(f"{prompt}{text}\n")
+        show(
             f"[up to {args.max_new_tokens} new tokens x {len(prompts)} prompts in {seconds:.2f} s]"
         )
     else:
         count = len(stream.tokens)
-        print(f"[{count} new tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s]")
+        show(f"[{count} new tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s]")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,7 @@ def load(
     pretrained: bool = True,
     progress: Callable[[int, int], None] | None = None,
     revision: str | None = None,
+    tp: int | None = None,
 ):
     """Build a zoo model from a registry name, a Hugging Face repo id or a local checkpoint folder.
 
@@ -65,9 +67,18 @@ def load(
     and float32 on cpu. On the CPU the kernels run through Triton's interpreter (arranged here,
     slow; float32 / float16 only). device="meta" builds the shapes only.
     progress(done, total) is called as each checkpoint tensor is loaded (e.g. a progress bar).
+
+    tp=N (N > 1): tensor parallel over N processes (`torchrun --nproc-per-node N script.py`,
+    each process calling load alike): this process builds and loads only its rank's share of
+    the decoder (zoo.parallel says what is split). The default process group is used, or
+    started from torchrun's variables (nccl on CUDA, gloo on the CPU); N must be its size. On
+    CUDA the device is this process's LOCAL_RANK GPU. Every rank must then make the same calls
+    (forward, generate, chat), which return the same results on every rank.
     """
     import torch
 
+    if tp is not None and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
+        raise ValueError(f"tp: expected an int >= 1 (the number of GPUs), got {tp!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cuda", "cpu", "meta"):
         raise ValueError(f"device {device}: unsupported; use 'cuda', 'cpu' or 'meta'")
@@ -92,15 +103,29 @@ def load(
     _check_identity(hf_config, source)
     family = family_for(hf_config, source)
     config = _config(family, hf_config, source, hf)
+    parallel = None
+    if tp is not None and tp > 1:
+        if not family.tensor_parallel:
+            raise ValueError(
+                f"{source}: tp={tp}: tensor parallelism covers the decoders (llama, granite, "
+                f"mistral, qwen2, qwen3, gpt2), not model_type {hf_config['model_type']!r}"
+            )
+        from zoo import parallel as tensor_parallel
+
+        parallel, device = tensor_parallel.setup(tp, device)
     files = hf.safetensors_files(folder) if pretrained else []
     headers = hf.read_headers(files)
     if pretrained and family.config_from_checkpoint is not None:
         config = family.config_from_checkpoint(config, set(headers))
-    key_map = family.key_map(config) if pretrained else {}
+    # a tensor-parallel split that does not divide fails in the key map or the model's
+    # constructor, naming the size, before any weight is read
+    with _naming_source(source, parallel is not None):
+        shard = [parallel.shard] if parallel else []
+        key_map = family.key_map(config, *shard) if pretrained else {}
     if pretrained:  # names first: cheap, and before a model of a wrong size is even built
         hf.check_checkpoint(headers, key_map, family.normalize_key)
-    with torch.device("meta"):
-        model = family.model_class(config)
+    with _naming_source(source, parallel is not None), torch.device("meta"):
+        model = family.model_class(config, **({"tp": parallel} if parallel else {}))
     if pretrained:
         hf.check_shapes(model, headers, key_map, family.normalize_key)
     model = model.to(dtype)
@@ -108,13 +133,29 @@ def load(
         model = model.to_empty(device=device)
         if pretrained:
             hf.load_state(model, files, key_map, family.normalize_key, progress=progress)
+        elif parallel is not None:  # replicated weights (embedding) alike on every rank
+            seed = parallel.broadcast_int(int(torch.randint(0, 2**62, (1,)).item()))
+            model.init_random(torch.Generator(device).manual_seed(seed))
         else:
             model.init_random()
     model.init_buffers()
     model.eval().requires_grad_(False)
     model.generation_config = GenerationConfig.from_dict(generation_config)
     model.tokenizer = _load_tokenizer(folder) if folder is not None else None
+    if parallel is not None and device.type == "cuda":
+        parallel.prepare_gpu(model, dtype)
     return model
+
+
+@contextmanager
+def _naming_source(source: str, active: bool):
+    """ValueErrors raised inside name the checkpoint (when active)."""
+    try:
+        yield
+    except ValueError as e:
+        if not active:
+            raise
+        raise ValueError(f"{source}: {e}") from None
 
 
 def check_cpu_dtype(dtype: torch.dtype) -> None:

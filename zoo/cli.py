@@ -5,11 +5,14 @@
     zoo generate /path/to/hf/checkpoint --prompt "Once upon a time" --do-sample --temperature 0.8 --top-p 0.95 --seed 0
     zoo generate granite-3.3-2b-instruct --chat --prompt "Name three prime numbers."
     zoo generate openai-community/gpt2 --prompt "Hello" --revision main
+    torchrun --nproc-per-node 2 -m zoo.cli generate llama3-70b-instruct --chat --prompt "Hi"
 
 `generate` checks its flags, loads the checkpoint (a progress bar on stderr while the weights
 load), streams the new text to stdout as it is produced, and ends with a tokens/s line on stderr.
 A user error (a bad flag, an unknown model, a hub or checkpoint problem) is one line on stderr
 and exit status 2; Ctrl-C ends quietly with status 130. Also `python -m zoo.cli`.
+Under torchrun the model is tensor parallel over the launched processes (or --tp N of them), and
+only the first rank prints.
 """
 
 from __future__ import annotations
@@ -124,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     gen.add_argument(
+        "--tp",
+        type=int_at_least(1),
+        default=None,
+        help="tensor parallel over this many GPUs: launch with torchrun --nproc-per-node N "
+        "(default: the number of processes torchrun started)",
+    )
+    gen.add_argument(
         "--dtype",
         choices=DTYPES,
         default=None,
@@ -229,9 +239,32 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def launched_ranks() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as torchrun set them; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat (a system message is part of a chat)")
+    rank, world = launched_ranks()
+    tp = args.tp or world
+    if tp != world:
+        raise UsageError(
+            f"--tp {tp}: launch {tp} processes with torchrun --nproc-per-node {tp} "
+            f"(this run has {world})"
+        )
+    try:
+        return _run_generate(args, tp, lead=rank == 0)
+    finally:
+        if tp > 1:
+            from zoo.parallel import end_started_group
+
+            end_started_group()
+
+
+def _run_generate(args: argparse.Namespace, tp: int, lead: bool) -> int:
+    """generate's work; with tp > 1 every rank runs it, and only the lead rank prints."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -252,12 +285,18 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = zoo.load(
-            args.model, device=device, dtype=dtype, progress=progress_bar(), revision=args.revision
+            args.model,
+            device=device,
+            dtype=dtype,
+            progress=progress_bar() if lead else None,
+            revision=args.revision,
+            tp=tp,
         )
     except KeyError as e:  # an unknown registry name (the message lists the known ones)
         raise UsageError(e.args[0] if e.args else str(e)) from None
-    if announce_interpreter:
+    if announce_interpreter and lead:
         print("zoo: running on the CPU through Triton's interpreter (slow)", file=sys.stderr)
+    show = print if lead else _silent
     if model.tokenizer is None:
         print(f"zoo: {args.model}: no tokenizer.json beside the checkpoint", file=sys.stderr)
         return 2
@@ -283,20 +322,24 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:
         stream = model.chat(messages, **sampling)
     else:
-        print(args.prompt, end="", flush=True)
+        show(args.prompt, end="", flush=True)
         stream = model.generate(args.prompt, **sampling)
     for piece in stream:
-        print(piece, end="", flush=True)
-    print()
+        show(piece, end="", flush=True)
+    show()
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     count = len(stream.tokens)
-    print(
+    show(
         f"[{count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s, prefill included]",
         file=sys.stderr,
     )
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """print's stand-in on the ranks that do not print."""
 
 
 def _max_new_tokens(requested: int | None, prompt: int, context: int) -> int:

@@ -107,6 +107,13 @@ class GraphPool:
         self._handle = None  # the CUDA memory pool all graphs of this model capture into
         self.weights: tuple | None = None  # where the weights were when the graphs were captured
         self.lock = threading.RLock()
+        # A tensor-parallel model's ranks must keep and evict the same graphs (a new bucket runs
+        # its collectives twice, eager then replayed; a kept one once): this makes a graph's byte
+        # count the same on every rank (the largest), so every rank decides alike.
+        self.agree_bytes: Callable[[int], int] | None = None
+        # torch.cuda.graph's capture_error_mode ("thread_local" beside other threads' CUDA
+        # calls: torch.distributed's watchdog)
+        self.capture_mode = "global"
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -192,11 +199,15 @@ class GraphPool:
             stream.wait_stream(torch.cuda.current_stream())
             with (
                 torch.cuda.stream(stream),
-                torch.cuda.graph(graph, pool=self._handle, stream=stream),
+                torch.cuda.graph(
+                    graph, pool=self._handle, stream=stream, capture_error_mode=self.capture_mode
+                ),
             ):
                 outputs = compute(entry.inputs)
             torch.cuda.current_stream().wait_stream(stream)
             entry.nbytes += max(torch.cuda.memory_reserved() - before, 0)
+        if self.agree_bytes is not None:
+            entry.nbytes = self.agree_bytes(entry.nbytes)
         entry.graph, entry.outputs = graph, outputs
 
 

@@ -41,6 +41,17 @@ class Linear(nn.Module):
         )
 
 
+def output_projection(
+    in_features: int, out_features: int, bias: bool, tp=None, slot: int = 0
+) -> nn.Module:
+    """A projection back to the hidden size (attention out, MLP down): a Linear, or, tensor
+    parallel (tp: a zoo.parallel.TensorParallel), split along its input features over the ranks
+    (in_features: this rank's; slot: its symmetric-memory buffer, one per kind)."""
+    if tp is None:
+        return Linear(in_features, out_features, bias)
+    return tp.row_linear(in_features, out_features, bias, slot)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -127,6 +138,8 @@ class SelfAttention(nn.Module):
     out_bias: the output projection's bias (None: same as `bias`; Qwen2 has q/k/v biases only).
     window: sliding-window attention over that many keys (None: all). qk_norm_eps: per-head
     RMSNorm of q and k before the rotation, with weights q_norm / k_norm (Qwen3; None: none).
+    out: the output projection (None: a Linear; a tensor-parallel model passes its row-split
+    projection, and num_heads / num_kv_heads are then this rank's).
     """
 
     def __init__(
@@ -141,6 +154,7 @@ class SelfAttention(nn.Module):
         out_bias: bool | None = None,
         window: int | None = None,
         qk_norm_eps: float | None = None,
+        out: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -150,7 +164,10 @@ class SelfAttention(nn.Module):
         self.causal = causal
         self.window = window
         self.qkv = Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
-        self.out = Linear(num_heads * head_dim, hidden_size, bias if out_bias is None else out_bias)
+        if out is None:
+            out_bias = bias if out_bias is None else out_bias
+            out = Linear(num_heads * head_dim, hidden_size, out_bias)
+        self.out = out
         # weight holders: the rotary kernel applies them
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None

@@ -143,7 +143,11 @@ class DecodeRunner:
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)  # replays draw fresh random numbers
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        mode = self.model.graph_capture_mode
+        with (
+            torch.cuda.stream(stream),
+            torch.cuda.graph(graph, stream=stream, capture_error_mode=mode),
+        ):
             self._eager_step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
@@ -313,6 +317,7 @@ class GenerationEngine:
         budget = memory_budget(self.model.device)
         if self._runner is not None:  # freed before the new runner is made
             budget += tensor_bytes(self._runner.cache)
+        budget = self.model.shared_value(budget, "min")  # every rank refuses alike
         if needed > budget:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens}: a batch of {batch} rows x {length} cache "
@@ -383,7 +388,8 @@ class GenerationEngine:
             b.seen.zero_()
             b.seen.scatter_(1, seen_ids, True)
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
+            # follows torch.manual_seed
+            seed = self.model.shared_value(int(torch.randint(0, 2**62, (1,)).item()))
         runner.generator.manual_seed(seed)
         b.positions.copy_(prefill.positions)
         if prefill.logits is None:

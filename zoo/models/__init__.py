@@ -16,13 +16,15 @@ class Family:
     # (config, the checkpoint's tensor names) -> the config of what the checkpoint holds (e.g. Bert
     # with or without a pooler); None: config.json alone decides
     config_from_checkpoint: Callable[[object, set[str]], object] | None = None
+    # model_class(config, tp=...) and key_map(config, shard) build and load one rank's share
+    tensor_parallel: bool = False
 
 
 def _llama() -> Family:
     from convert.llama import key_map
     from zoo.models.llama import Llama, LlamaConfig
 
-    return Family(LlamaConfig.from_hf, Llama, key_map)
+    return Family(LlamaConfig.from_hf, Llama, key_map, tensor_parallel=True)
 
 
 def _t5() -> Family:
@@ -36,7 +38,7 @@ def _gpt2() -> Family:
     from convert.gpt2 import key_map, normalize_key
     from zoo.models.gpt2 import GPT2, GPT2Config
 
-    return Family(GPT2Config.from_hf, GPT2, key_map, normalize_key)
+    return Family(GPT2Config.from_hf, GPT2, key_map, normalize_key, tensor_parallel=True)
 
 
 def _bert() -> Family:

@@ -64,6 +64,11 @@ class GenerativeLM(nn.Module, ABC):
     cuda_graph: bool = True
     tokenizer = None
     generation_config: GenerationConfig = GenerationConfig()
+    # a zoo.parallel.TensorParallel when this process holds one rank's share of the model
+    tp = None
+    # torch.cuda.graph's capture_error_mode for the decode step: "thread_local" where another
+    # thread makes CUDA calls during a capture (torch.distributed's watchdog, tensor parallel)
+    graph_capture_mode: str = "global"
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +88,13 @@ class GenerativeLM(nn.Module, ABC):
 
     def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse a generation beyond the model's context; here none (memory bounds it)."""
+
+    def shared_value(self, value: int, pick: str = "first") -> int:
+        """A value every process of the model must agree on (the sampling seed of a generation
+        given none, "first": rank 0's draw; the memory a generation may take, "min": the
+        tightest device's), so that all of them choose the same tokens and refuse the same
+        calls. A model in one process keeps its own value; a tensor-parallel one exchanges it."""
+        return value if self.tp is None else self.tp.shared_value(value, pick)
 
     def encoder_length(self, prompt_length: int) -> int:
         """Encoder slots the cache keeps for a prompt of prompt_length tokens (0: no encoder)."""
@@ -213,6 +225,18 @@ class DecoderOnlyLM(GenerativeLM):
     @abstractmethod
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty KV cache for batch_size rows of max_length tokens."""
+
+    def head_rows(self, vocab_size: int) -> tuple[int, int]:
+        """[start, end) of the LM head's rows this process computes: all of them, or its
+        vocabulary part when tensor parallel (set self.tp first)."""
+        return (0, vocab_size) if self.tp is None else self.tp.shard.vocab(vocab_size)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits [..., V] of this process's head rows [..., rows]: themselves, or, tensor
+        parallel, every rank's parts gathered (the same on every rank)."""
+        if self.tp is None:
+            return logits
+        return self.tp.gather_vocab(logits, self.config.vocab_size)
 
     def forward(
         self,

@@ -21,10 +21,19 @@ from convert.config import (
     read_str,
     read_token_ids,
 )
+from convert.shard import Shard
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
-from zoo.layers import AttentionInputs, LayerNorm, Linear, SelfAttention, init_random_, output_rows
+from zoo.layers import (
+    AttentionInputs,
+    LayerNorm,
+    Linear,
+    SelfAttention,
+    init_random_,
+    output_projection,
+    output_rows,
+)
 from zoo.models.contract import DecoderOnlyLM
 
 # HF GPT-2 activation names -> our matmul epilogues
@@ -87,17 +96,25 @@ class GPT2Config:
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, shard: Shard, tp=None) -> None:
         super().__init__()
         c = config
+        h0, h1 = shard.split(c.n_head, "n_head")  # this rank's heads (all without tp)
+        i0, i1 = shard.split(c.n_inner, "n_inner")  # and MLP columns
         self.activation = c.activation
         self.ln_1 = LayerNorm(c.n_embd, c.layer_norm_epsilon)
         self.attn = SelfAttention(
-            c.n_embd, c.n_head, c.n_head, c.head_dim, bias=True, scale=c.head_dim**-0.5
+            c.n_embd,
+            h1 - h0,
+            h1 - h0,
+            c.head_dim,
+            bias=True,
+            scale=c.head_dim**-0.5,
+            out=output_projection((h1 - h0) * c.head_dim, c.n_embd, True, tp, slot=0),
         )
         self.ln_2 = LayerNorm(c.n_embd, c.layer_norm_epsilon)
-        self.fc = Linear(c.n_embd, c.n_inner, bias=True)
-        self.proj = Linear(c.n_inner, c.n_embd, bias=True)
+        self.fc = Linear(c.n_embd, i1 - i0, bias=True)
+        self.proj = output_projection(i1 - i0, c.n_embd, True, tp, slot=1)
 
     def forward(self, h, k_cache, v_cache, inputs: AttentionInputs):
         h = self.attn(self.ln_1(h), k_cache, v_cache, inputs, h)
@@ -106,15 +123,22 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(DecoderOnlyLM):
-    """GPT-2 causal LM on our kernels. `model(input_ids)` -> logits [B, T, vocab]."""
+    """GPT-2 causal LM on our kernels. `model(input_ids)` -> logits [B, T, vocab].
 
-    def __init__(self, config: GPT2Config) -> None:
+    tp (a zoo.parallel.TensorParallel): this process holds one rank's share (see zoo.parallel);
+    its calls must be made by every rank alike, and return the same full logits everywhere."""
+
+    def __init__(self, config: GPT2Config, tp=None) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
+        shard = Shard(0, 1) if tp is None else tp.shard
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.blocks = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(GPT2Block(config, shard, tp) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.num_heads = self.blocks[0].attn.num_heads  # this rank's
+        self.vocab_rows = self.head_rows(config.vocab_size)  # of the tied head
 
     def init_random(self, generator: torch.Generator | None = None) -> None:
         init_random_(self, self.config.initializer_range, generator)
@@ -127,7 +151,13 @@ class GPT2(DecoderOnlyLM):
         c = self.config
         weight = self.wte.weight
         return KVCache(
-            c.n_layer, batch_size, c.n_head, max_length, c.head_dim, weight.dtype, weight.device
+            c.n_layer,
+            batch_size,
+            self.num_heads,
+            max_length,
+            c.head_dim,
+            weight.dtype,
+            weight.device,
         )
 
     def forward_cached(
@@ -150,4 +180,5 @@ class GPT2(DecoderOnlyLM):
             h = block(h, cache.k[i], cache.v[i], inputs)  # (B, T, n_embd)
         cache.lengths.add_(seq)
         h = output_rows(h, last_only, last_index)
-        return matmul(self.ln_f(h), self.wte.weight)  # tied head
+        head = self.wte.weight[self.vocab_rows[0] : self.vocab_rows[1]]  # tied head
+        return self.full_logits(matmul(self.ln_f(h), head))

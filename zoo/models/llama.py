@@ -28,6 +28,7 @@ from convert.config import (
     read_token_ids,
     rope_settings,
 )
+from convert.shard import Shard
 from kernels.embedding import embedding
 from kernels.matmul import matmul
 from zoo.cache import KVCache
@@ -38,6 +39,7 @@ from zoo.layers import (
     RMSNorm,
     SelfAttention,
     init_random_,
+    output_projection,
     output_rows,
     rope_inv_freq,
 )
@@ -215,10 +217,12 @@ def _check_window(window: int | None, layer_types: tuple[str, ...] | None, num_l
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, shard: Shard, tp=None) -> None:
         super().__init__()
-        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, config.mlp_bias)
-        self.down = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
+        start, end = shard.split(config.intermediate_size, "intermediate_size")
+        inter = end - start  # this rank's MLP rows (all of them without tensor parallelism)
+        self.gate_up = Linear(config.hidden_size, 2 * inter, config.mlp_bias)
+        self.down = output_projection(inter, config.hidden_size, config.mlp_bias, tp, slot=1)
 
     def forward(self, x, residual, residual_scale):
         hidden = self.gate_up(x, activation="silu_mul")  # silu(gate) * up, (B, T, I)
@@ -226,14 +230,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, config: LlamaConfig, layer: int) -> None:
+    def __init__(self, config: LlamaConfig, layer: int, shard: Shard, tp=None) -> None:
         super().__init__()
         self.residual_multiplier = config.residual_multiplier
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        (q0, q1), (kv0, kv1) = shard.heads(config.num_heads, config.num_kv_heads)
         self.attn = SelfAttention(
             config.hidden_size,
-            config.num_heads,
-            config.num_kv_heads,
+            q1 - q0,
+            kv1 - kv0,
             config.head_dim,
             bias=config.qkv_bias,
             scale=config.attention_multiplier,
@@ -241,9 +246,12 @@ class LlamaBlock(nn.Module):
             out_bias=config.attention_bias,
             window=config.layer_window(layer),
             qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
+            out=output_projection(
+                (q1 - q0) * config.head_dim, config.hidden_size, config.attention_bias, tp, slot=0
+            ),
         )
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, shard, tp)
 
     def forward(self, h, k_cache, v_cache, inputs: AttentionInputs):
         h = self.attn(self.attn_norm(h), k_cache, v_cache, inputs, h, self.residual_multiplier)
@@ -252,19 +260,29 @@ class LlamaBlock(nn.Module):
 
 class Llama(DecoderOnlyLM):
     """Llama 3 / Granite / Mistral / Qwen2 / Qwen3 causal LM on our kernels.
-    `model(input_ids)` -> logits [B, T, vocab]."""
+    `model(input_ids)` -> logits [B, T, vocab].
 
-    def __init__(self, config: LlamaConfig) -> None:
+    tp (a zoo.parallel.TensorParallel): this process holds one rank's share (see zoo.parallel);
+    its calls must be made by every rank alike, and return the same full logits everywhere."""
+
+    def __init__(self, config: LlamaConfig, tp=None) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
+        shard = Shard(0, 1) if tp is None else tp.shard
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaBlock(config, i, shard, tp) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.num_kv_heads = self.layers[0].attn.num_kv_heads  # this rank's
+        # this rank's rows of the LM head (all of them without tensor parallelism)
+        self.vocab_rows = self.head_rows(config.vocab_size)
         # a tied head reads the embedding matrix itself (no second parameter to keep in sync)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, bias=False)
+            else Linear(config.hidden_size, self.vocab_rows[1] - self.vocab_rows[0], bias=False)
         )
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
 
@@ -287,7 +305,7 @@ class Llama(DecoderOnlyLM):
         return KVCache(
             c.num_layers,
             batch_size,
-            c.num_kv_heads,
+            self.num_kv_heads,
             max_length,
             c.head_dim,
             self.embed.weight.dtype,
@@ -312,5 +330,9 @@ class Llama(DecoderOnlyLM):
             h = layer(h, cache.k[i], cache.v[i], inputs)  # (B, T, hidden)
         cache.lengths.add_(seq)
         h = output_rows(h, last_only, last_index)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)
+        if self.lm_head is None:
+            head = self.embed.weight[self.vocab_rows[0] : self.vocab_rows[1]]
+        else:
+            head = self.lm_head.weight
+        logits = matmul(self.norm(h), head, alpha=1.0 / self.config.logits_scaling)
+        return self.full_logits(logits)
