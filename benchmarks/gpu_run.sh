@@ -9,7 +9,7 @@
 #   llama     decode/prefill benchmark of Llama-3-8B (add PEERS=1 to measure HF peers again)
 #   gpt2      the same for GPT-2 (124M)
 #   bert      Bert-base forward at the 7 shapes of the targets: the plain call as a user makes it,
-#             beside a hand-captured graph replay (BERT_PEER_SHAPES=1x16,... limits which shapes
+#             beside a hand-captured graph replay (BERT_SHAPES=1x16,... picks shapes; BERT_PEER_SHAPES limits which shapes
 #             PEERS=1 measures; the others come from the stored peers)
 #   embed     Bert-base sentence embeddings of 2048 texts of 8..256 tokens in batches of 32, each
 #             padded to its longest: texts/s, first pass and steady state (PEERS=1: HF eager and
@@ -101,7 +101,7 @@ for stage in "$@"; do
       python benchmarks/bench_decoder.py --model gpt2 --shapes 1x128x128 --prefill 1024 $peers --out "$OUT/bench_gpt2.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     bert)
       stored_peers bert-base-uncased
-      python benchmarks/bench_bert.py --model bert-base-uncased $peers ${BERT_PEER_SHAPES:+--peer-shapes $BERT_PEER_SHAPES} --out "$OUT/bench_bert.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+      python benchmarks/bench_bert.py --model bert-base-uncased $peers ${BERT_SHAPES:+--shapes $BERT_SHAPES} ${BERT_PEER_SHAPES:+--peer-shapes $BERT_PEER_SHAPES} --out "$OUT/bench_bert.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     t5)
       stored_peers t5-base
       python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee -a "$OUT/bench.log" ;;
