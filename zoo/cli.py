@@ -129,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="default: bfloat16 on a GPU, float32 on the CPU (where bfloat16 is refused)",
     )
+    gen.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="fp8: FP8 weights for every Linear of the blocks, quantized as the checkpoint loads "
+        "(FP8 checkpoints load as FP8 without it)",
+    )
     return parser
 
 
@@ -252,7 +259,12 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = zoo.load(
-            args.model, device=device, dtype=dtype, progress=progress_bar(), revision=args.revision
+            args.model,
+            device=device,
+            dtype=dtype,
+            progress=progress_bar(),
+            revision=args.revision,
+            quantize=args.quantize,
         )
     except KeyError as e:  # an unknown registry name (the message lists the known ones)
         raise UsageError(e.args[0] if e.args else str(e)) from None
