@@ -102,10 +102,12 @@ def _reference(x, weight, scale, bias, activation, residual, alpha, x_scale_inpu
         (100, "silu_mul", True),  # with a static input scale
         (300, None, False),  # the persistent TMA kernel for fp16 / bf16
         (300, "silu_mul", True),
+        (3, "silu_mul", False),  # K = 3072: split along K on the GPU (scales in its epilogue)
     ],
 )
 def test_fp8_matmul_against_reference(dtype, m, activation, static):
-    k, n = 96, 74  # K a multiple of 16 (TMA rows), N odd-sized
+    # K a multiple of 16 (TMA rows), N odd-sized
+    k, n = (3072, 202) if m == 3 else (96, 74)
     x = torch.randn(m, k, dtype=dtype, device=DEVICE)
     weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
     bias = torch.randn(n, dtype=dtype, device=DEVICE)
