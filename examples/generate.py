@@ -31,9 +31,12 @@ def main() -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--stop", action="append", help="stop string (repeat for more)")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8: FP8 weights for the Linears"
+    )
     args = parser.parse_args()
 
-    model = zoo.load(args.model, device=args.device)
+    model = zoo.load(args.model, device=args.device, quantize=args.quantize)
     prompts = args.prompt or ["The three laws of thermodynamics are"]
     if args.stream and len(prompts) > 1:
         parser.error("--stream takes one --prompt")
