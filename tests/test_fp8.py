@@ -440,6 +440,47 @@ def test_quantize_on_load_gpt2(tmp_path):
     assert_close(model(ids), expected, FP32_RTOL, "logits")
 
 
+def test_quantize_on_load_bert_and_t5(tmp_path):
+    """Encoders and encoder-decoders too: every Linear but the LM head (Bert's pooler included;
+    T5's fused cross-attention K/V per row), against HF with those weights dequantized."""
+    from test_bert import build_hf_model as build_bert
+    from test_t5 import CASES as T5_CASES
+    from test_t5 import build_hf_model as build_t5
+
+    bert = build_bert("BertModel", {}, pooler=True)
+    bert.save_pretrained(tmp_path / "bert")
+    ours = zoo.load(tmp_path / "bert", device=DEVICE, dtype=torch.float32, quantize="fp8")
+    assert sum(isinstance(m, FP8Linear) for m in ours.modules()) == 4 * 2 + 1
+    linears = [n for n, m in bert.named_modules() if isinstance(m, torch.nn.Linear)]
+    reference = _quantized_reference(bert, linears)
+    ids = torch.randint(1, 97, (2, 9), device=DEVICE)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask)
+    out = ours(ids, attention_mask=mask)
+    assert_close(out.last_hidden_state, expected.last_hidden_state, FP32_RTOL, "bert hidden")
+    assert_close(out.pooler_output, expected.pooler_output, FP32_RTOL, "bert pooler")
+
+    config_kwargs, tied, _ = T5_CASES["flan-t5"]
+    t5 = build_t5(config_kwargs, tied)
+    t5.save_pretrained(tmp_path / "t5")
+    ours = zoo.load(tmp_path / "t5", device=DEVICE, dtype=torch.float32, quantize="fp8")
+    assert ours.lm_head.weight.dtype == torch.float32
+    linears = [
+        n
+        for n, m in t5.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    ]
+    reference = _quantized_reference(t5, linears)
+    ids = torch.randint(2, 97, (2, 11), device=DEVICE)
+    mask = torch.ones_like(ids)
+    decoder_ids = torch.randint(0, 97, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    logits = ours(ids, decoder_input_ids=decoder_ids, attention_mask=mask)
+    assert_close(logits, expected, FP32_RTOL, "t5 logits")
+
+
 def test_quantize_random_weights_and_meta():
     model = zoo.load("llama3-8b", device="meta", pretrained=False, quantize="fp8")
     qkv = model.layers[0].attn.qkv
