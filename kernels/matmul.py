@@ -553,7 +553,7 @@ _matmul_kernel_tuned = (
             "SPLIT_K",
             "W_FP8",
             "X_FP8",
-        ],  # fmt: skip
+        ],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
         restore_value=["out_ptr"],
