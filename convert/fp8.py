@@ -110,6 +110,12 @@ def _compressed_tensors_scheme(config: dict, key: str) -> Fp8Scheme:
             raise UnsupportedQuantization(
                 f"{where}.output_activations: unsupported (expected null)"
             )
+    kv_cache = config.get("kv_cache_scheme")
+    if kv_cache is not None:
+        raise UnsupportedQuantization(
+            f"{key}: kv_cache_scheme {kv_cache!r} (an FP8 KV cache) is unsupported; the KV cache "
+            "is kept in the model's dtype"
+        )
     if len(static) > 1:
         raise UnsupportedQuantization(
             f"{key}: config_groups mix static and dynamic activations; one of them is supported"
@@ -191,7 +197,9 @@ def checkpoint_key_map(key_map: dict, weights: set[str], scheme: Fp8Scheme) -> d
     for key, target in key_map.items():
         if target is DROP or target.param not in weights or not key.endswith(".weight"):
             continue
-        keys[key] = Target(target.param, target.row_start, target.row_end, fp8="bits")
+        keys[key] = Target(
+            target.param, target.row_start, target.row_end, target.transpose, fp8="bits"
+        )
         stem, module = key.removesuffix(".weight"), target.param.removesuffix(".weight")
         keys[stem + ".weight_scale"] = Target(
             module + ".weight_scale", target.row_start, target.row_end, fill="scale"

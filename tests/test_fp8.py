@@ -528,6 +528,17 @@ def _edit_config(folder, **changes):
             {
                 "quant_method": "compressed-tensors",
                 "format": "float-quantized",
+                "config_groups": {
+                    "g": {"weights": {"type": "float", "num_bits": 8, "strategy": "channel"}}
+                },
+                "kv_cache_scheme": {"type": "float", "num_bits": 8, "strategy": "tensor"},
+            },
+            r"kv_cache_scheme .* \(an FP8 KV cache\) is unsupported",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "float-quantized",
                 "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8}}},
             },
             r"config_groups\.g\.weights: type 'int' with num_bits 8 is unsupported",
