@@ -411,6 +411,7 @@ _LARGE_CONFIGS = [  # prefill, Bert: compute bound
     _config(256, 128, 64, 3, 8),
 ]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
+_FP8_FALLBACK_CONFIG = _config(64, 64, 64, 2, 4)
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _INTERPRET_TMA_CONFIG = {
     "BLOCK_M": 64,
@@ -450,6 +451,8 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _LARGE_CONFIGS
     x = args["x_ptr"]
     kept = [c for c in bucket if _fits(c, n_acc, x.element_size(), max_shared_memory(x.device))]
+    if args["X_FP8"]:  # FP8 x FP8 dots: tiles of at least 64 rows, the Hopper FP8 MMA's shape
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or [_FP8_FALLBACK_CONFIG]
     kept = kept or [_FALLBACK_CONFIG]
     if n * n_acc * k <= _TINY_WEIGHT:
         kept = kept[:1]
