@@ -100,7 +100,9 @@ def measure(name: str, batch: int, seq: int, folder: Path, device: str, fp8: boo
         reference = {k: v.double() for k, v in reference.items()}
         theirs = outputs(kind, hf_bf16, inputs, ours=False)
         if fp8:
-            fp8_rows = measure_fp8(name, kind, hf_fp32, folder, inputs, reference, theirs, device)
+            fp8_rows = measure_fp8(
+                name, kind, hf_fp32, hf_bf16, folder, inputs, reference, theirs, device
+            )
         del hf_fp32
         gc.collect()
         mine = outputs(kind, ours, inputs, ours=True)
@@ -148,7 +150,9 @@ def dequantize_linears_(model) -> None:
         module.weight.data.copy_(dequantized.T if transposed else dequantized)
 
 
-def measure_fp8(name, kind, hf_fp32, folder, inputs, reference, theirs, device) -> list[dict]:
+def measure_fp8(
+    name, kind, hf_fp32, hf_bf16, folder, inputs, reference, theirs, device
+) -> list[dict]:
     """Rows of ours with FP8 weights: the large input (FP8 activations too) and a 1 x 48 one
     (FP8 weights only), against HF fp32 beside HF bf16, and against the dequantized reference.
     Modifies hf_fp32's weights (the caller is done with it)."""
@@ -156,7 +160,7 @@ def measure_fp8(name, kind, hf_fp32, folder, inputs, reference, theirs, device) 
     small = make_inputs(kind, hf_fp32.config.vocab_size, 1, 48, device)
     cases = {"FP8 weights and inputs": (inputs, reference, theirs)}
     small_reference = {k: v.double() for k, v in outputs(kind, hf_fp32, small, False).items()}
-    small_theirs = outputs(kind, copy.deepcopy(hf_fp32).to(torch.bfloat16), small, False)
+    small_theirs = outputs(kind, hf_bf16, small, False)
     cases["FP8 weights only"] = (small, small_reference, small_theirs)
     dequantize_linears_(hf_fp32)
     rows = []

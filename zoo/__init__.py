@@ -71,7 +71,7 @@ def load(
     quantize="fp8" gives every Linear of the blocks FP8 e4m3 weights with one scale per output
     row, quantized as the checkpoint streams in (the embedding, norms and LM head keep dtype);
     published FP8 checkpoints (compressed-tensors "float-quantized", quant_method "fp8") load as
-    FP8 without it.
+    FP8 without it (and as they are with it).
     """
     import torch
 
@@ -228,8 +228,7 @@ def _check_identity(hf_config: dict, source: str) -> None:
 
 def _config(family, hf_config: dict, source: str, hf):
     """The family's config dataclass; a config.json that lacks a key or holds an unsupported value
-    (rope_type, activation, quantization) fails here, before any weight is read, naming the
-    checkpoint."""
+    (rope_type, activation) fails here, before any weight is read, naming the checkpoint."""
     try:
         return family.config_from_hf(hf_config)
     except KeyError as e:
