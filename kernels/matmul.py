@@ -410,6 +410,14 @@ _LARGE_CONFIGS = [  # prefill, Bert: compute bound
     _config(128, 256, 64, 4, 8),
     _config(256, 128, 64, 3, 8),
 ]
+# FP8 weights converted in registers (M <= 64): a BLOCK_K step reads half the bytes, so longer
+# steps keep as many bytes in flight as the 16-bit configs do; tried beside the bucket's own
+_FP8_WEIGHT_CONFIGS = [
+    _config(16, 64, 512, 2, 4),
+    _config(16, 32, 512, 3, 4),
+    _config(16, 32, 512, 2, 4),  # fits the fused gate-up's two weight tiles
+    _config(32, 64, 256, 3, 4),
+]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
 _FP8_FALLBACK_CONFIG = _config(64, 64, 64, 2, 4)
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
@@ -449,6 +457,8 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _MEDIUM_CONFIGS + _LARGE_CONFIGS
     else:
         bucket = _LARGE_CONFIGS
+    if args["W_FP8"] and not args["X_FP8"] and m_bucket <= 64:
+        bucket = bucket + _FP8_WEIGHT_CONFIGS
     x = args["x_ptr"]
     kept = [c for c in bucket if _fits(c, n_acc, x.element_size(), max_shared_memory(x.device))]
     if args["X_FP8"]:  # FP8 x FP8 dots: tiles of at least 64 rows, the Hopper FP8 MMA's shape
@@ -545,7 +555,8 @@ _matmul_kernel_tuned = (
     else triton.autotune(
         configs=_SKINNY_CONFIGS
         + _MEDIUM_CONFIGS
-        + _LARGE_CONFIGS,  # _prune_configs picks the bucket
+        + _LARGE_CONFIGS
+        + _FP8_WEIGHT_CONFIGS,  # _prune_configs picks the bucket
         key=[
             "M_BUCKET",
             "N",
