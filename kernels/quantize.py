@@ -69,12 +69,12 @@ def _quantize_fp8_kernel(
         for k in range(0, K, BLOCK_K):
             x = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
     tl.store(scale_ptr + row, scale)
     for k in range(0, K, BLOCK_K):
         mask = k + offs_k < K
         x = tl.load(x_row + k + offs_k, mask=mask, other=0.0).to(tl.float32)
-        q = round_to_e4m3(tl.div_rn(x, scale))
+        q = round_to_e4m3(tl.math.div_rn(x, scale))
         tl.store(q_ptr + row * q_stride_m + k + offs_k, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
