@@ -167,8 +167,8 @@ def fp8_weights(
     headers: dict, key_map: dict, normalize_key: Callable[[str], str], source: str
 ) -> set[str]:
     """The zoo weight parameters an FP8 checkpoint stores in FP8 (F8_E4M3 tensors in its headers).
-    Every part of one fused parameter must agree, and a weight the model keeps in its own dtype
-    (the LM head, embeddings: anything but a Linear) must not be FP8."""
+    Every part of one fused parameter must agree (zoo.quant.use_fp8_linears then refuses any
+    that is not a Linear of the blocks, e.g. an FP8 LM head)."""
     from convert.hf import DROP, CheckpointError
 
     kinds: dict[str, set[bool]] = {}
