@@ -15,6 +15,12 @@ benchmarks/results/, and later runs on the same GPU kind and versions reuse them
 
     PYTHONPATH=. python benchmarks/bench_decoder.py --model llama3-8b [--peers] [--out out.json]
     PYTHONPATH=. python benchmarks/bench_decoder.py --shapes 1x512x64,8x512x64,32x512x64 --graph-only
+
+`--quantize fp8` runs ours with FP8 weights (random bf16 weights quantized per row), and with
+`--versus-bf16` the bf16 model too, in the same process, printing FP8's speedup over bf16:
+
+    PYTHONPATH=. python benchmarks/bench_decoder.py --model llama3-8b --quantize fp8 \
+        --versus-bf16 --graph-only --shapes 1x128x128,32x512x64
 """
 
 from __future__ import annotations
@@ -151,6 +157,75 @@ def bench_peers(model_name: str, shapes, prefill_tokens: int, save) -> dict:
     return result
 
 
+def bench_ours(args, shapes, quantize, roofline, peers) -> dict:
+    """Our model (bf16, or FP8 weights): a warm-up generate, prefill of 1 x args.prefill, and
+    decode time per step of each shape, each with its roofline fields."""
+    model = zoo.load(
+        args.model, pretrained=False, device="cuda", dtype=torch.bfloat16, quantize=quantize
+    )
+    vocab = model.config.vocab_size
+    rows = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        ids = torch.randint(0, vocab, (1, 16), device="cuda")
+        model.generate(ids, max_new_tokens=4, eos_token_id=[], cuda_graph=True)
+        torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - start
+        ids = torch.randint(0, vocab, (1, args.prefill), device="cuda")
+        prefill_ms = 1e3 * median_seconds(lambda: model(ids), repeats=5)
+        for batch, prompt, new in shapes:
+            ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+            row = {"shape": f"{batch}x{prompt}x{new}", "weights": quantize or "bf16"}
+            providers = (("ours_graph", True),) + (
+                () if args.graph_only else (("ours_eager", False),)
+            )
+            for provider, graph in providers:
+                step_s, _ = decode_timing(ours_generate(model, graph), ids, new)
+                row[f"{provider}_ms_per_step"] = 1e3 * step_s
+            step_s = row["ours_graph_ms_per_step"] * 1e-3
+            row["tokens_per_s"] = batch / step_s
+            context = prompt + new / 2  # mean context of the decode steps
+            bytes_moved = step_bytes(model, batch, context)
+            row["bandwidth_fraction"] = bytes_moved / step_s / roofline.copy_Bps
+            row.update(roofline.fields(step_s, bytes_moved, step_flops(model, batch, context)))
+            if row["shape"] in peers["rows"]:
+                row.update(peers["rows"][row["shape"]])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    prefill = prefill_roofline(model, roofline, args.prefill, prefill_ms * 1e-3)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model = None  # freed before the next model loads
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(
+        rows=rows,
+        prefill_ms=prefill_ms,
+        prefill=prefill,
+        warmup_s=warmup_s,
+        weight_bytes=weight_bytes,
+    )
+
+
+def print_versus_bf16(model_name: str, prefill: int, fp8: dict, bf16: dict) -> None:
+    print(f"\n{model_name}: FP8 weights vs bf16 (ours, CUDA graph; higher speedup is better)")
+    print("| workload | bf16 | FP8 | FP8 speedup |")
+    print("| --- | --- | --- | --- |")
+    for a, b in zip(fp8["rows"], bf16["rows"], strict=True):
+        print(
+            f"| decode {a['shape']} | {b['tokens_per_s']:.0f} tok/s "
+            f"({100 * b['bandwidth_fraction']:.0f}% of bandwidth) | {a['tokens_per_s']:.0f} tok/s "
+            f"({100 * a['bandwidth_fraction']:.0f}%) | "
+            f"**{a['tokens_per_s'] / b['tokens_per_s']:.2f}x** |"
+        )
+    print(
+        f"| prefill 1x{prefill} | {bf16['prefill_ms']:.1f} ms | {fp8['prefill_ms']:.1f} ms | "
+        f"**{bf16['prefill_ms'] / fp8['prefill_ms']:.2f}x** |"
+    )
+    print(
+        f"weights: bf16 {bf16['weight_bytes'] / 1e9:.2f} GB, FP8 {fp8['weight_bytes'] / 1e9:.2f} GB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama3-8b")
@@ -161,6 +236,10 @@ def main() -> None:
         "--graph-only", action="store_true", help="time only the CUDA-graph decode (not eager)"
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--quantize", choices=["fp8"], default=None, help="ours with FP8 weights")
+    parser.add_argument(
+        "--versus-bf16", action="store_true", help="with --quantize: the bf16 model too"
+    )
     args = parser.parse_args()
     shapes = parse_shapes(args.shapes)
 
@@ -178,39 +257,15 @@ def main() -> None:
     peers = load_peers(peers_path, measure_peers if args.peers else None)
     peers.setdefault("rows", {})
 
-    model = zoo.load(args.model, pretrained=False, device="cuda", dtype=torch.bfloat16)
-    vocab = model.config.vocab_size
-    rows = []
-    with torch.inference_mode():
-        start = time.perf_counter()
-        ids = torch.randint(0, vocab, (1, 16), device="cuda")
-        model.generate(ids, max_new_tokens=4, eos_token_id=[], cuda_graph=True)
-        torch.cuda.synchronize()
-        warmup_s = time.perf_counter() - start
-        ids = torch.randint(0, vocab, (1, args.prefill), device="cuda")
-        prefill_ms = 1e3 * median_seconds(lambda: model(ids), repeats=5)
-        for batch, prompt, new in shapes:
-            ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
-            row = {"shape": f"{batch}x{prompt}x{new}"}
-            providers = (("ours_graph", True),) + (
-                () if args.graph_only else (("ours_eager", False),)
-            )
-            for provider, graph in providers:
-                step_s, _ = decode_timing(ours_generate(model, graph), ids, new)
-                row[f"{provider}_ms_per_step"] = 1e3 * step_s
-            step_s = row["ours_graph_ms_per_step"] * 1e-3
-            row["tokens_per_s"] = batch / step_s
-            context = prompt + new / 2  # mean context of the decode steps
-            bytes_moved = step_bytes(model, batch, context)
-            row["bandwidth_fraction"] = bytes_moved / step_s / roofline.copy_Bps
-            row.update(roofline.fields(step_s, bytes_moved, step_flops(model, batch, context)))
-            if row["shape"] in peers["rows"]:
-                row.update(peers["rows"][row["shape"]])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    ours = bench_ours(args, shapes, args.quantize, roofline, peers)
+    rows, prefill_ms, warmup_s = ours["rows"], ours["prefill_ms"], ours["warmup_s"]
+    prefill = ours["prefill"]
+    bf16 = None
+    if args.quantize and args.versus_bf16:
+        bf16 = bench_ours(args, shapes, None, roofline, peers)
 
-    prefill = prefill_roofline(model, roofline, args.prefill, prefill_ms * 1e-3)
-    print(f"\n{args.model} on {device}, bf16, ms per decode step (lower is better)")
+    weights = args.quantize or "bf16"
+    print(f"\n{args.model} on {device}, {weights} weights, ms per decode step (lower is better)")
     print(roofline.header())
     print(
         "| batch x prompt x new | ours (graph) | ours (eager) | HF eager | HF static+compile "
@@ -235,6 +290,8 @@ def main() -> None:
         f"{prefill['roofline_pct']:.0f}%; first generate (compile + autotune + capture) "
         f"{warmup_s:.1f} s"
     )
+    if bf16 is not None:
+        print_versus_bf16(args.model, args.prefill, ours, bf16)
     if args.out:
         write_result(
             args.out,
@@ -248,6 +305,8 @@ def main() -> None:
             prefill_roofline=prefill,
             warmup_s=warmup_s,
             rows=rows,
+            weights=weights,
+            bf16=bf16,
         )
 
 

@@ -30,6 +30,11 @@
 #             Llama-3-8B decode at tp=N vs tp=1, Llama-3-70B decode (% of the bandwidth limit),
 #             prefill 1x2048 and batch-32 decode
 #   tp-tests  the tensor-parallel tests (two ranks on two GPUs, fp32 and bf16)
+#   fp8       Llama-3-8B with FP8 weights vs bf16 in one process: decode batch 1 (prompt 128, 128
+#             new) and batch 32 (prompt 512, 64 new), prefill 1 x 2048 (CUDA graphs only)
+#   fp8-accuracy  FP8 weights at real size: error against HF fp32 and top-1 beside bf16's, and
+#             against the fp32 model with the same FP8 weights dequantized (benchmarks/accuracy.py)
+#   fp8-profile   the kernels of an FP8 Llama-3-8B prefill and decode step: matmuls all ours
 # Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
 # call); every stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
@@ -105,6 +110,12 @@ for stage in "$@"; do
     t5)
       stored_peers t5-base
       python benchmarks/bench_t5.py --model t5-base --input 256 --new 64 $peers --out "$OUT/bench_t5.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    fp8)
+      python benchmarks/bench_decoder.py --model llama3-8b --quantize fp8 --versus-bf16 --graph-only --shapes 1x128x128,32x512x64 --out "$OUT/bench_llama3-8b_fp8.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    fp8-accuracy)
+      python benchmarks/accuracy.py --models llama3-8b,gpt2 --fp8 --out "$OUT/accuracy_fp8.json" 2>&1 | grep -v "Writing model shards" | tee "$OUT/accuracy_fp8.log" ;;
+    fp8-profile)
+      python benchmarks/profile_kernels.py --model llama3-8b --quantize fp8 2>&1 | tee "$OUT/profile_fp8.log" ;;
     kernels)
       python benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     speed)

@@ -4,7 +4,7 @@ Lists every GPU kernel with its count and time, and fails when a matmul or atten
 one of ours (cuBLAS, CUTLASS, cuDNN, flash or SDPA kernels): the models' matmuls and attention
 must all be the Triton kernels of `kernels/`. Random weights at the real architecture.
 
-    PYTHONPATH=. python benchmarks/profile_kernels.py --model llama3-8b
+    PYTHONPATH=. python benchmarks/profile_kernels.py --model llama3-8b [--quantize fp8]
 """
 
 from __future__ import annotations
@@ -55,9 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 weights")
     args = parser.parse_args()
 
-    model = zoo.load(args.model, pretrained=False, device="cuda", dtype=torch.bfloat16)
+    model = zoo.load(
+        args.model,
+        pretrained=False,
+        device="cuda",
+        dtype=torch.bfloat16,
+        quantize=args.quantize,
+    )
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda")
     ours = our_kernel_names()
     failures = []

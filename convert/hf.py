@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from convert.fp8 import FP8_HEADER_DTYPE, quantize_rows
+
 # Files a model needs; everything else in a hub repo (pickles, other frameworks' weights) is skipped.
 CHECKPOINT_PATTERNS = [
     "config.json",
@@ -303,10 +305,17 @@ def check_checkpoint(
             f"{key_listing(missing)}"
         )
     for key, header in headers.items():
-        if (
-            key_map.get(normalize_key(key)) is not DROP
-            and header.dtype not in LOADABLE_HEADER_DTYPES
-        ):
+        target = key_map.get(normalize_key(key))
+        if target is DROP:
+            continue
+        if target.fp8 == "bits":
+            if header.dtype != FP8_HEADER_DTYPE:
+                raise CheckpointError(
+                    f"{header.file}: tensor {key!r} has dtype "
+                    f"{HEADER_DTYPE_NAMES.get(header.dtype, header.dtype)}; the other parts of "
+                    f"{target.param} are torch.float8_e4m3fn, and so must it be"
+                )
+        elif header.dtype not in LOADABLE_HEADER_DTYPES:
             raise CheckpointError(
                 f"{header.file}: tensor {key!r} has dtype "
                 f"{HEADER_DTYPE_NAMES.get(header.dtype, header.dtype)}; expected one of "
@@ -330,25 +339,31 @@ def check_shapes(
         target = key_map.get(normalize_key(key))
         if target is DROP:
             continue
-        expected = _expected_shape(params[target.param], target)
-        if header.shape != expected:
+        expected = _expected_shapes(params[target.param], target)
+        if header.shape not in expected:
             raise _shape_error(header.file, key, header.shape, expected)
 
 
-def _expected_shape(param: torch.Tensor, target: Target) -> tuple[int, ...]:
-    """The shape a checkpoint tensor must have to fill target's rows of param, as stored."""
+def _expected_shapes(param: torch.Tensor, target: Target) -> list[tuple[int, ...]]:
+    """The shapes a checkpoint tensor may have to fill target's rows of param, as stored: one,
+    except for scales (per tensor or per row)."""
     row_end = param.shape[0] if target.row_end is None else target.row_end
-    shape = (row_end - target.row_start, *param.shape[1:])
+    rows = row_end - target.row_start
+    if target.fill == "scale":
+        return [(), (1,), (rows,), (rows, 1)]
+    if target.fill == "max":
+        return [(), (1,)]
+    shape = (rows, *param.shape[1:])
     shape = shape[::-1] if target.transpose else shape
-    if target.part is None:
-        return shape
-    return tuple(target.part.size if d == target.part.dim else n for d, n in enumerate(shape))
+    if target.part is not None:  # a slice of it is read: its full extent there, as stored
+        shape = tuple(target.part.size if d == target.part.dim else n for d, n in enumerate(shape))
+    return [shape]
 
 
-def _shape_error(file: Path, key: str, shape, expected) -> CheckpointError:
+def _shape_error(file: Path, key: str, shape, expected: list) -> CheckpointError:
+    shapes = " or ".join(str(tuple(e)) for e in expected)
     return CheckpointError(
-        f"{file}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(expected)} "
-        "(from config.json)"
+        f"{file}: tensor {key!r} has shape {tuple(shape)}, expected {shapes} (from config.json)"
     )
 
 
@@ -376,13 +391,22 @@ class Part:
 class Target:
     """Where one checkpoint tensor goes: rows [row_start, row_end) of a zoo parameter (all rows
     when row_end is None), transposed first when the checkpoint stores it (in, out) (GPT-2 Conv1D).
-    part: only that slice of the stored tensor is read (None: all of it)."""
+    part: only that slice of the stored tensor is read (None: all of it).
+
+    FP8 weights (convert/fp8.py): fp8="bits" copies an F8_E4M3 tensor as it is; fp8="quantize"
+    quantizes a float tensor per row, its scales going to the same rows of parameter `scale`.
+    fill="scale": a per-tensor (one element) or per-row ([rows] / [rows, 1]) scale fills the rows;
+    fill="max": a one-element tensor, the largest of all tensors sent to the parameter.
+    """
 
     param: str
     row_start: int = 0
     row_end: int | None = None
     transpose: bool = False
     part: Part | None = None
+    fp8: str | None = None
+    scale: str | None = None
+    fill: str = "rows"
 
 
 # A key map sends each checkpoint key to a Target, or to DROP for tensors that are not parameters
@@ -416,6 +440,7 @@ def load_state(
     _check_coverage(params, key_map)
     total = len(tensor_names(files)) if progress is not None else 0
     seen: dict[str, Path] = {}
+    maxed: set[str] = set()  # fill="max" parameters written at least once
     unexpected: list[str] = []
 
     def part_of(raw_key: str) -> Part | None:
@@ -435,22 +460,38 @@ def load_state(
         target = key_map[key]
         if target is DROP:
             continue
-        if tensor.dtype not in LOADABLE_DTYPES:
+        expected_dtypes = (torch.float8_e4m3fn,) if target.fp8 == "bits" else LOADABLE_DTYPES
+        if tensor.dtype not in expected_dtypes:
             raise CheckpointError(
                 f"{file}: tensor {raw_key!r} has dtype {tensor.dtype}; expected one of "
-                f"{', '.join(str(d) for d in LOADABLE_DTYPES)} (quantized checkpoints are unsupported)"
+                f"{', '.join(str(d) for d in expected_dtypes)} (quantized checkpoints are "
+                "unsupported)"
             )
         param = params[target.param]
         row_end = param.shape[0] if target.row_end is None else target.row_end
         destination = param.data[target.row_start : row_end]
+        stored = tuple(tensor.shape)
+        if target.part is not None:  # what was read is a slice: name the full extent
+            dim = target.part.dim
+            stored = (*stored[:dim], target.part.size, *stored[dim + 1 :])
+        expected = _expected_shapes(param, target)
         source = tensor.t() if target.transpose else tensor
-        if source.shape != destination.shape:
-            stored = tensor.shape
-            if target.part is not None:  # what was read is a slice: name the full extent
-                dim = target.part.dim
-                stored = (*stored[:dim], target.part.size, *stored[dim + 1 :])
-            raise _shape_error(file, raw_key, stored, _expected_shape(param, target))
-        destination.copy_(source)
+        if stored not in expected or (target.fill == "rows" and source.shape != destination.shape):
+            raise _shape_error(file, raw_key, stored, expected)
+        if target.fill == "scale":  # per tensor: one value for every row of the part
+            destination.copy_(tensor.reshape(-1).expand(destination.shape[0]))
+        elif target.fill == "max":
+            value = tensor.reshape(1).to(destination.device, destination.dtype)
+            first = target.param not in maxed
+            destination.copy_(value if first else torch.maximum(destination, value))
+            maxed.add(target.param)
+        elif target.fp8 == "quantize":
+            quantized, scale = quantize_rows(source.to(destination.device))
+            destination.copy_(quantized)
+            params[target.scale].data[target.row_start : row_end].copy_(scale)
+            del quantized, scale
+        else:
+            destination.copy_(source)
         del tensor, source
     if unexpected:
         raise CheckpointError(
@@ -477,6 +518,10 @@ def _check_coverage(params: dict[str, torch.nn.Parameter], key_map: KeyMap) -> N
             raise CheckpointError(f"key map sends {key!r} to unknown parameter {target.param!r}")
         end = params[target.param].shape[0] if target.row_end is None else target.row_end
         rows[target.param].append((target.row_start, end))
+        if target.fp8 == "quantize":  # its scales come with it
+            if target.scale not in params:
+                raise CheckpointError(f"key map sends {key!r}'s scales to unknown {target.scale!r}")
+            rows[target.scale].append((target.row_start, end))
     for name, spans in rows.items():
         covered = 0
         for start, end in sorted(spans):

@@ -29,10 +29,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=512)
     add_sampling_arguments(parser)
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8: FP8 weights for the Linears"
+    )
     args = parser.parse_args()
 
     rank, world = launched_ranks()  # under torchrun: tensor parallel over its processes
-    model = zoo.load(args.model, device=args.device, tp=world)
+    model = zoo.load(args.model, device=args.device, tp=world, quantize=args.quantize)
     show = print if rank == 0 else lambda *a, **k: None
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         parser.error(f"{args.model}: no tokenizer with a chat template beside the checkpoint")

@@ -68,9 +68,12 @@ def main() -> None:
     )
     parser.add_argument("--sentence", action="append", help="a sentence (repeat for more)")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8: FP8 weights for the Linears"
+    )
     args = parser.parse_args()
 
-    model = zoo.load(args.model, device=args.device)
+    model = zoo.load(args.model, device=args.device, quantize=args.quantize)
     sentences = args.sentence or SENTENCES
     embeddings = embed(model, sentences)
     similarity = embeddings @ embeddings.T  # cosine similarities: the rows are unit vectors

@@ -34,10 +34,13 @@ def main() -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--stop", action="append", help="stop string (repeat for more)")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8: FP8 weights for the Linears"
+    )
     args = parser.parse_args()
 
     rank, world = launched_ranks()  # under torchrun: tensor parallel over its processes
-    model = zoo.load(args.model, device=args.device, tp=world)
+    model = zoo.load(args.model, device=args.device, tp=world, quantize=args.quantize)
     show = print if rank == 0 else lambda *a, **k: None
     prompts = args.prompt or ["The three laws of thermodynamics are"]
     if args.stream and len(prompts) > 1:

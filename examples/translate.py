@@ -27,9 +27,12 @@ def main() -> None:
     parser.add_argument("--text", action="append", help="input text (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8: FP8 weights for the Linears"
+    )
     args = parser.parse_args()
 
-    model = zoo.load(args.model, device=args.device)
+    model = zoo.load(args.model, device=args.device, quantize=args.quantize)
     if model.tokenizer is None:
         parser.error(f"{args.model}: no tokenizer.json beside the checkpoint")
     texts = args.text or [

@@ -37,6 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 import kernels.utils
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
+from kernels.quantize import quantize_fp8
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -106,12 +107,20 @@ def _epilogue(
     res_stride_m,
     out_stride_m,
     alpha,
+    w_scale_ptr,
+    x_scale_ptr,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
+    W_FP8: tl.constexpr,
+    X_FP8: tl.constexpr,
 ):
-    """out = residual + alpha * act(acc + bias) [* (acc_up + bias_up)], in fp32, one rounding."""
+    """out = residual + alpha * act(acc + bias) [* (acc_up + bias_up)], in fp32, one rounding.
+    FP8 operands: acc is first scaled by the weight's row scales (W_FP8) and x's (X_FP8)."""
+    acc, acc_up = _fp8_scaled(
+        acc, acc_up, offs_m, offs_n, M, N, w_scale_ptr, x_scale_ptr, FUSED_GATE, W_FP8, X_FP8
+    )
     y = _epilogue_values(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha, ACTIVATION,
         HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
@@ -119,6 +128,34 @@ def _epilogue(
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_scaled(
+    acc,
+    acc_up,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    w_scale_ptr,
+    x_scale_ptr,
+    FUSED_GATE: tl.constexpr,
+    W_FP8: tl.constexpr,
+    X_FP8: tl.constexpr,
+):
+    """FP8 operands: acc (and acc_up) times the weight's row scales (W_FP8) and x's (X_FP8)."""
+    if W_FP8:
+        mask_n = offs_n < N
+        acc *= tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if FUSED_GATE:
+            acc_up *= tl.load(w_scale_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
+    if X_FP8:
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        acc *= x_scale
+        if FUSED_GATE:
+            acc_up *= x_scale
+    return acc, acc_up
 
 
 @triton.jit
@@ -197,6 +234,8 @@ def _matmul_kernel(
     res_ptr,  # [M, N], row stride res_stride_m
     out_ptr,  # [M, N], row stride out_stride_m
     ws_ptr,  # split-K fp32 partials [SPLIT_K, M, N or 2N] (only read when SPLIT_K > 1)
+    w_scale_ptr,  # W_FP8: fp32 [N or 2N], the weight's row scales
+    x_scale_ptr,  # X_FP8: fp32 [M], x's row scales
     M,
     N,  # output columns (I for the fused gated activations)
     K,
@@ -212,6 +251,8 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
+    W_FP8: tl.constexpr,  # weight float8_e4m3fn, scaled per row in the epilogue
+    X_FP8: tl.constexpr,  # x float8_e4m3fn too (FP8 tensor cores), scaled per row
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -261,9 +302,13 @@ def _matmul_kernel(
         mask_k = offs_k < k_end - k
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if W_FP8 and not X_FP8:  # FP8 weights, converted in registers (exact in x's dtype)
+            w = w.to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if FUSED_GATE:
             w_up = tl.load(w_up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if W_FP8 and not X_FP8:
+                w_up = w_up.to(x.dtype)
             acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
             w_up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -272,7 +317,8 @@ def _matmul_kernel(
     if SPLIT_K == 1:
         _epilogue(
             acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
-            out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+            out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+            FUSED_GATE, W_FP8, X_FP8,
         )  # fmt: skip
     else:
         # fp32 partials; gate columns at n, up columns at N + n. _splitk_epilogue_kernel sums them.
@@ -317,17 +363,16 @@ def _tma_epilogue_slice(
     pointer stores, or through the output's TMA descriptor (which clips the edges itself)."""
     offs_m = off_m.to(tl.int64) + tl.arange(0, SLICE_M)
     offs_n = off_n.to(tl.int64) + tl.arange(0, SLICE_N)
+    y = _epilogue_values(
+        acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha,
+        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+    )  # fmt: skip
     if TMA_STORE:
-        y = _epilogue_values(
-            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha,
-            ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-        )  # fmt: skip
         out_desc.store([off_m, off_n], y.to(out_desc.dtype))
     else:
-        _epilogue(
-            acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
-            out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-        )  # fmt: skip
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -379,6 +424,8 @@ def _matmul_tma_kernel(
     res_ptr,
     out_ptr,
     out_desc,  # with TMA_STORE: descriptor of out [M, N], block [BLOCK_M, BLOCK_N // SUBTILE]
+    w_scale_ptr,  # W_FP8 (with X_FP8: both operands FP8): fp32 [N or 2N]
+    x_scale_ptr,  # X_FP8: fp32 [M]
     M,
     N,
     K,
@@ -390,6 +437,8 @@ def _matmul_tma_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
+    W_FP8: tl.constexpr,
+    X_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -429,6 +478,12 @@ def _matmul_tma_kernel(
             if FUSED_GATE:
                 # gate rows past N read up rows (or zeros): those columns are never stored
                 acc_up = tl.dot(x, w_desc.load([N + off_n, off_k]).T, acc_up)
+        if W_FP8 or X_FP8:
+            acc, acc_up = _fp8_scaled(
+                acc, acc_up, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
+                off_n.to(tl.int64) + tl.arange(0, BLOCK_N), M, N, w_scale_ptr, x_scale_ptr,
+                FUSED_GATE, W_FP8, X_FP8,
+            )  # fmt: skip
         if EPILOGUE_SUBTILE == 1:
             _tma_epilogue_slice(
                 acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
@@ -465,6 +520,8 @@ def _splitk_epilogue_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
+    w_scale_ptr,
+    x_scale_ptr,
     M,
     N,
     ws_stride_split,
@@ -476,6 +533,8 @@ def _splitk_epilogue_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
+    W_FP8: tl.constexpr,
+    X_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -495,7 +554,8 @@ def _splitk_epilogue_kernel(
         ws_ptrs += ws_stride_split
     _epilogue(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
-        out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+        out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+        FUSED_GATE, W_FP8, X_FP8,
     )  # fmt: skip
 
 
@@ -556,7 +616,16 @@ _DECODE_CONFIGS = {
 }
 _DECODE_BLOCK_N = 64  # the column block _decode_split_k sizes the split for
 _DECODE_MIN_K_SLICE = 512  # K each slice keeps at least
+# FP8 weights converted in registers (M <= 64): a BLOCK_K step reads half the bytes, so longer
+# steps keep as many bytes in flight as the 16-bit configs do; tried beside the bucket's own
+_FP8_WEIGHT_CONFIGS = [
+    _config(16, 64, 512, 2, 4),
+    _config(16, 32, 512, 3, 4),
+    _config(16, 32, 512, 2, 4),  # fits the fused gate-up's two weight tiles
+    _config(32, 64, 256, 3, 4),
+]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
+_FP8_FALLBACK_CONFIG = _config(64, 64, 64, 2, 4)
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _INTERPRET_TMA_CONFIG = {
     "BLOCK_M": 64,
@@ -596,8 +665,12 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _MEDIUM_CONFIGS + _LARGE_CONFIGS
     else:
         bucket = _LARGE_CONFIGS
+    if args["W_FP8"] and not args["X_FP8"] and m_bucket <= 64:
+        bucket = bucket + _FP8_WEIGHT_CONFIGS
     x = args["x_ptr"]
     kept = [c for c in bucket if _fits(c, n_acc, x.element_size(), max_shared_memory(x.device))]
+    if args["X_FP8"]:  # FP8 x FP8 dots: tiles of at least 64 rows, the Hopper FP8 MMA's shape
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or [_FP8_FALLBACK_CONFIG]
     kept = kept or [_FALLBACK_CONFIG]
     if n * n_acc * k <= _TINY_WEIGHT:
         kept = kept[:1]
@@ -645,19 +718,34 @@ _TMA_CONFIGS = [  # persistent TMA kernel, M > _TMA_MIN_M_BUCKET, fp16/bf16
     _tma_config(128, 64, 64, 4, 4, 2),
     _tma_config(64, 128, 64, 4, 4, 2),
 ]
+_FP8_TMA_CONFIGS = [  # the same with FP8 operands: twice the K per byte of shared memory
+    _tma_config(128, 256, 128, 3, 8),
+    _tma_config(128, 256, 128, 4, 8),
+    _tma_config(256, 128, 128, 3, 8),
+    _tma_config(128, 128, 128, 4, 8),
+    _tma_config(128, 128, 128, 4, 4),
+    _tma_config(128, 64, 128, 4, 4),
+    _tma_config(128, 128, 128, 3, 4, 2),
+    _tma_config(64, 128, 128, 4, 4, 2),
+]
 _TMA_MIN_M_BUCKET = 256  # M buckets above this take the TMA kernel where it is available
+# FP8 weights: M buckets above this quantize x per row and take FP8 tensor cores (Hopper, and the
+# interpreter); at or below it the weights are converted in registers (decode is bound by reading
+# them, and x keeps its precision).
+_FP8_DOT_MIN_M_BUCKET = 64
 _INTERPRET_TMA_PROGRAMS = 2  # the interpreter's persistent programs: each walks several tiles
 
 
 def _prune_tma_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     n_acc = 2 if args["FUSED_GATE"] else 1
-    elem_bytes = args["out_ptr"].element_size()
+    elem_bytes = 1 if args["X_FP8"] else args["out_ptr"].element_size()
     smem_limit = max_shared_memory(args["out_ptr"].device)
     kept = [
         c
         for c in configs
-        if _fits(c, n_acc, elem_bytes, smem_limit, programs=c.kwargs["PROGRAMS_PER_SM"])
+        if (c in _FP8_TMA_CONFIGS) == args["X_FP8"]
+        and _fits(c, n_acc, elem_bytes, smem_limit, programs=c.kwargs["PROGRAMS_PER_SM"])
     ]
     return kept or [_tma_config(64, 64, 64, 2, 4)]
 
@@ -680,7 +768,8 @@ _matmul_kernel_tuned = (
         configs=_SKINNY_CONFIGS
         + _MEDIUM_CONFIGS
         + _LARGE_CONFIGS
-        + [c for table in _DECODE_CONFIGS.values() for c in table],  # _prune_configs picks
+        + [c for table in _DECODE_CONFIGS.values() for c in table]
+        + _FP8_WEIGHT_CONFIGS,  # _prune_configs picks the bucket's
         key=[
             "M_BUCKET",
             "N",
@@ -690,6 +779,8 @@ _matmul_kernel_tuned = (
             "HAS_RESIDUAL",
             "SPLIT_K",
             "CONFIG_TABLE",
+            "W_FP8",
+            "X_FP8",
         ],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
@@ -702,7 +793,7 @@ _matmul_tma_kernel_tuned = (
     None
     if INTERPRET
     else triton.autotune(
-        configs=_TMA_CONFIGS,
+        configs=_TMA_CONFIGS + _FP8_TMA_CONFIGS,
         key=[
             "M_BUCKET",
             "N",
@@ -710,6 +801,7 @@ _matmul_tma_kernel_tuned = (
             "ACTIVATION",
             "FUSED_GATE",
             "HAS_RESIDUAL",
+            "X_FP8",
             "EPILOGUE_SUBTILE",
             "TMA_STORE",
             "WARP_SPECIALIZE",
@@ -744,12 +836,19 @@ def _tma_variant(out: torch.Tensor | None, n: int, elem_bytes: int) -> dict:
     }
 
 
-def _takes_tma(x2: torch.Tensor, weight: torch.Tensor, m_bucket: int) -> bool:
+def _takes_tma(
+    x2: torch.Tensor, weight: torch.Tensor, m_bucket: int, fp8_dot: bool = False
+) -> bool:
     """Large-M fp16/bf16 problems on Hopper (and under the interpreter), when TMA can address
-    both operands: 16-byte aligned bases and row strides."""
-    if x2.dtype == torch.float32 or m_bucket <= _TMA_MIN_M_BUCKET:
+    both operands: 16-byte aligned bases and row strides. With fp8_dot the x operand is the
+    contiguous FP8 copy the launch makes (rows of K bytes)."""
+    if m_bucket <= _TMA_MIN_M_BUCKET:
         return False
     if not (INTERPRET or is_hopper_or_newer(x2.device)):
+        return False
+    if fp8_dot:
+        return x2.shape[1] % 16 == 0 and _tma_addressable(weight)
+    if x2.dtype == torch.float32 or weight.dtype != x2.dtype:
         return False
     return _tma_addressable(x2) and _tma_addressable(weight)
 
@@ -768,6 +867,13 @@ def _decode_split_k(n: int, k: int, sms: int) -> int:
     while tiles * split_k < sms and k // (2 * split_k) >= _DECODE_MIN_K_SLICE and split_k < 8:
         split_k *= 2
     return split_k
+
+
+def _takes_fp8_dot(weight: torch.Tensor, m_bucket: int) -> bool:
+    """FP8 weights at large M on a GPU with FP8 tensor cores (Hopper; also the interpreter)."""
+    if weight.dtype != torch.float8_e4m3fn or m_bucket <= _FP8_DOT_MIN_M_BUCKET:
+        return False
+    return INTERPRET or is_hopper_or_newer(weight.device)
 
 
 @functools.lru_cache(maxsize=4096)  # called per launch, from shapes only
@@ -826,9 +932,14 @@ def _as_rows(name: str, t: torch.Tensor, n_cols: int, *, view_only: bool) -> tor
 class _Plan:
     """What matmul decided for one signature (see kernels/launch.py)."""
 
-    __slots__ = ("n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune")
+    __slots__ = (
+        "n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune", "fp8_dot"
+    )  # fmt: skip
 
-    def __init__(self, n, out_shape, split_k=1, tma=False, main=None, epilogue=None, tune=None):
+    def __init__(
+        self, n, out_shape, split_k=1, tma=False, main=None, epilogue=None, tune=None, fp8_dot=False
+    ):
+        self.fp8_dot = fp8_dot  # x quantized per row to FP8 before the GEMM (FP8 tensor cores)
         self.n = n  # output columns
         self.out_shape = out_shape
         self.split_k = split_k
@@ -843,7 +954,34 @@ class _Plan:
 _plans = PlanCache()
 
 
-def _plan(x, weight, bias, activation, residual, out) -> _Plan:
+def _check_fp8_weight(weight, weight_scale, input_scale, x) -> None:
+    """An FP8 weight comes with its fp32 row scales (and at most one static input scale)."""
+    if weight.device != x.device:
+        raise ValueError(f"weight: device {weight.device} does not match x's device {x.device}")
+    if weight_scale is None:
+        raise ValueError("weight_scale: an FP8 weight needs its fp32 row scales [N]")
+    if (
+        weight_scale.shape != (weight.shape[0],)
+        or weight_scale.dtype != torch.float32
+        or weight_scale.device != x.device
+        or weight_scale.stride(0) != 1
+    ):
+        raise ValueError(
+            f"weight_scale: expected contiguous fp32 [{weight.shape[0]}] on {x.device}, got "
+            f"{weight_scale.dtype} of shape {tuple(weight_scale.shape)} on {weight_scale.device}"
+        )
+    if input_scale is not None and (
+        input_scale.numel() != 1
+        or input_scale.dtype != torch.float32
+        or input_scale.device != x.device
+    ):
+        raise ValueError(
+            f"input_scale: expected one fp32 value on {x.device}, got {input_scale.dtype} of "
+            f"shape {tuple(input_scale.shape)} on {input_scale.device}"
+        )
+
+
+def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale) -> _Plan:
     """Checks the inputs of a new signature and fixes its kernel, split and launches."""
     if activation not in _ACTIVATIONS:
         raise ValueError(
@@ -859,7 +997,14 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
         raise ValueError(
             f"weight: expected shape [N, {k}] for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
         )
-    _check_same("weight", weight, x)
+    w_fp8 = weight.dtype == torch.float8_e4m3fn
+    if w_fp8:
+        _check_fp8_weight(weight, weight_scale, input_scale, x)
+    else:
+        _check_same("weight", weight, x)
+        for name, t in (("weight_scale", weight_scale), ("input_scale", input_scale)):
+            if t is not None:
+                raise ValueError(f"{name}: only FP8 (float8_e4m3fn) weights take scales")
     check_last_dim_contiguous("weight", weight)
     n_w = weight.shape[0]
     if fused_gate and n_w % 2 != 0:
@@ -895,6 +1040,7 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
 
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
     table = _config_table(m_bucket)
+    fp8_dot = _takes_fp8_dot(weight, m_bucket)
     split_k = _pick_split_k(m_bucket, n, k, x.device, table)
     # the epilogue's constexprs and the launch options, shared by all three kernels
     shared_meta = {
@@ -902,11 +1048,14 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
         "HAS_BIAS": bias is not None,
         "HAS_RESIDUAL": residual is not None,
         "FUSED_GATE": fused_gate,
+        "W_FP8": w_fp8,
+        "X_FP8": fp8_dot,
         **pdl_meta(x.device, m),
     }
-    key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype)
+    key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype,
+           w_fp8, fp8_dot)  # fmt: skip
 
-    if split_k == 1 and _takes_tma(x2, weight, m_bucket):
+    if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot):
         variant = _tma_variant(out, n, x.element_size())
         tma_meta = {**shared_meta, **variant}
         key = (*key, *variant.values())
@@ -915,7 +1064,7 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
             main = KernelLaunch(
                 _matmul_tma_kernel, (_INTERPRET_TMA_PROGRAMS,), {**tma_meta, **config}
             )
-            return _Plan(n, out_shape, tma=True, main=main)
+            return _Plan(n, out_shape, tma=True, main=main, fp8_dot=fp8_dot)
         sms = num_sms(x.device)
 
         def tma_grid(launch_meta):
@@ -923,13 +1072,13 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
             return (min(sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
 
         tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, tma_meta)
-        return _Plan(n, out_shape, tma=True, tune=tune)
+        return _Plan(n, out_shape, tma=True, tune=tune, fp8_dot=fp8_dot)
 
     meta = {
         **shared_meta,
         "CONFIG_TABLE": table,
         "SPLIT_K": split_k,
-        "DOT_PRECISION": dot_precision(x.dtype),
+        "DOT_PRECISION": "tf32" if fp8_dot else dot_precision(x.dtype),  # (unused by FP8 dots)
         # 0 without PDL too: one compiled variant per launch, whatever the weight's size
         "PREFETCH_K": _PREFETCH_COLUMNS
         if shared_meta["USE_PDL"]
@@ -955,9 +1104,9 @@ def _plan(x, weight, bias, activation, residual, out) -> _Plan:
         # the interpreter's fixed config: a decode table's first entry where that table is on
         config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
         main = KernelLaunch(_matmul_kernel, grid(config), {**meta, **config})
-        return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue)
+        return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue, fp8_dot=fp8_dot)
     tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table), grid, meta)
-    return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
+    return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot)
 
 
 def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:
@@ -967,8 +1116,9 @@ def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:
     return [bm, bk], [bn, bk], [bm, bn // config["EPILOGUE_SUBTILE"]]
 
 
-def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
-    """Run a plan's kernels on 2D operands of its signature."""
+def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_scale) -> None:
+    """Run a plan's kernels on 2D operands of its signature (x2 already FP8 when plan.fp8_dot,
+    with its row scales x_scale)."""
     if plan.main is None and plan.tune[2] in _tuned_configs:
         # the autotune key was tuned (by this plan's first call or another signature's)
         kernel, _, key, grid, meta = plan.tune
@@ -981,6 +1131,8 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
     bias_arg = bias if bias is not None else dummy
     res_arg = res2 if res2 is not None else dummy
     res_stride = res2.stride(0) if res2 is not None else 0
+    w_scale_arg = w_scale if w_scale is not None else dummy
+    x_scale_arg = x_scale if x_scale is not None else dummy
     ws = None
     if plan.tma:
         # placeholder block shapes while tuning: each config's pre_hook sets its own
@@ -991,15 +1143,16 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
         meta = plan.main.meta if plan.main is not None else plan.tune[4]
         if meta["TMA_STORE"]:
             out_desc = TensorDescriptor(out2, [m, n], [out2.stride(0), 1], out_block)
-        args = (x_desc, w_desc, bias_arg, res_arg, out2, out_desc, m, n, k, _m_bucket(m),
-                res_stride, out2.stride(0), alpha)  # fmt: skip
+        args = (x_desc, w_desc, bias_arg, res_arg, out2, out_desc, w_scale_arg, x_scale_arg, m,
+                n, k, _m_bucket(m), res_stride, out2.stride(0), alpha)  # fmt: skip
     else:
         if plan.split_k > 1:
             ws = torch.empty(
                 (plan.split_k, m, weight.shape[0]), dtype=torch.float32, device=x2.device
             )
         args = (
-            x2, weight, bias_arg, res_arg, out2, ws if ws is not None else dummy, m, n, k,
+            x2, weight, bias_arg, res_arg, out2, ws if ws is not None else dummy, w_scale_arg,
+            x_scale_arg, m, n, k,
             _m_bucket(m), x2.stride(0), weight.stride(0), res_stride, out2.stride(0),
             ws.stride(0) if ws is not None else 0, ws.stride(1) if ws is not None else 0, alpha,
         )  # fmt: skip
@@ -1012,8 +1165,8 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float) -> None:
         _tuned_configs[key] = tuned.best_config
 
     if plan.epilogue is not None:
-        plan.epilogue(ws, bias_arg, res_arg, out2, m, n, ws.stride(0), ws.stride(1), res_stride,
-                      out2.stride(0), alpha)  # fmt: skip
+        plan.epilogue(ws, bias_arg, res_arg, out2, w_scale_arg, x_scale_arg, m, n, ws.stride(0),
+                      ws.stride(1), res_stride, out2.stride(0), alpha)  # fmt: skip
 
 
 def _m_bucket(m: int) -> int:
@@ -1029,6 +1182,8 @@ def matmul(
     residual: torch.Tensor | None = None,
     alpha: float = 1.0,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = residual + alpha * act(x @ weight.T + bias), with x: [..., K] and weight: [N, K].
 
@@ -1036,11 +1191,20 @@ def matmul(
     cat([gate, up]) of 2 * I rows and y = act(x @ gate.T + b_gate) * (x @ up.T + b_up) has I
     columns. Returns a new tensor of shape [..., N_out] and x's dtype, or ``out`` when given
     (``out`` may be ``residual`` itself for an in-place residual add).
+
+    FP8 weights: weight float8_e4m3fn [N, K] stands for weight * weight_scale[:, None]
+    (weight_scale fp32 [N]). Small M reads the FP8 weight and converts it in registers; large M
+    on FP8 tensor cores quantizes x per row first (kernels/quantize.py), with the static
+    input_scale (one fp32 value) when given, else a scale per row.
     """
     if torch.compiler.is_compiling():
         if out is None:
-            return torch.ops.zoo.matmul(x, weight, bias, activation, residual, alpha)
-        torch.ops.zoo.matmul_out(x, weight, bias, activation, residual, alpha, out)
+            return torch.ops.zoo.matmul(
+                x, weight, bias, activation, residual, alpha, weight_scale, input_scale
+            )
+        torch.ops.zoo.matmul_out(
+            x, weight, bias, activation, residual, alpha, weight_scale, input_scale, out
+        )
         return out
     key = (
         activation,
@@ -1049,24 +1213,34 @@ def matmul(
         tensor_key(bias),
         tensor_key(residual),
         tensor_key(out),
+        tensor_key(weight_scale),
+        tensor_key(input_scale),
     )
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans.put(key, _plan(x, weight, bias, activation, residual, out))
+        plan = _plans.put(
+            key, _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
+        )
     if out is None:
         out = x.new_empty(plan.out_shape)
     if plan.main is None and plan.tune is None:  # nothing to compute (M or N is 0)
         return out
     n = plan.n
     k = x.shape[-1]
+    x2 = _as_rows("x", x, k, view_only=False)
+    x_scale = None
+    if plan.fp8_dot:
+        x2, x_scale = quantize_fp8(x2, input_scale)
     _launch(
         plan,
-        _as_rows("x", x, k, view_only=False),
+        x2,
         weight,
         bias.contiguous() if bias is not None else None,
         _as_rows("residual", residual, n, view_only=False) if residual is not None else None,
         _as_rows("out", out, n, view_only=True),
         float(alpha),
+        weight_scale,
+        x_scale,
     )
     return out
 
@@ -1081,12 +1255,23 @@ def _matmul_op(
     activation: str | None,
     residual: torch.Tensor | None,
     alpha: float,
+    weight_scale: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    return matmul(x, weight, bias, activation=activation, residual=residual, alpha=alpha)
+    return matmul(
+        x,
+        weight,
+        bias,
+        activation=activation,
+        residual=residual,
+        alpha=alpha,
+        weight_scale=weight_scale,
+        input_scale=input_scale,
+    )
 
 
 @_matmul_op.register_fake
-def _(x, weight, bias, activation, residual, alpha):
+def _(x, weight, bias, activation, residual, alpha, weight_scale, input_scale):
     fused_gate = _ACTIVATIONS.get(activation, (None, False))[1]  # (the real call checks it)
     n = weight.shape[0] // 2 if fused_gate else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
@@ -1100,11 +1285,23 @@ def _matmul_out_op(
     activation: str | None,
     residual: torch.Tensor | None,
     alpha: float,
+    weight_scale: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    matmul(x, weight, bias, activation=activation, residual=residual, alpha=alpha, out=out)
+    matmul(
+        x,
+        weight,
+        bias,
+        activation=activation,
+        residual=residual,
+        alpha=alpha,
+        out=out,
+        weight_scale=weight_scale,
+        input_scale=input_scale,
+    )
 
 
 @_matmul_out_op.register_fake
-def _(x, weight, bias, activation, residual, alpha, out):
+def _(x, weight, bias, activation, residual, alpha, weight_scale, input_scale, out):
     return None

@@ -171,7 +171,7 @@ def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config
     m, inter, k = bucket - 5, 37, 300
     x, w, b, res = (rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype),
                     rand(2 * inter, dtype=dtype), rand(m, inter, dtype=dtype))  # fmt: skip
-    plan = mm._plan(x, w, b, "silu_mul", res, None)
+    plan = mm._plan(x, w, b, "silu_mul", res, None, None, None)
     assert plan_meta(plan)["CONFIG_TABLE"] == "decode" and plan.split_k == 3
     y = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
     if mm.INTERPRET:
@@ -183,7 +183,9 @@ def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config
     assert_close(y, reference(x, w, b, "silu_mul", res, 0.5), TOL[dtype], f"decode table {config}")
     kernel_options(matmul_decode_table=0)
     y_off = matmul(x, w, b, activation="silu_mul", residual=res, alpha=0.5)
-    assert plan_meta(mm._plan(x, w, b, "silu_mul", res, None))["CONFIG_TABLE"] == "default"
+    assert (
+        plan_meta(mm._plan(x, w, b, "silu_mul", res, None, None, None))["CONFIG_TABLE"] == "default"
+    )
     assert_close(y, y_off, TOL[dtype], "decode table on vs off")
 
 
@@ -289,7 +291,7 @@ def test_tma_epilogue_variants(
     fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 128, 64, 3, 8)])
     default = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
     kernel_options(**variant)
-    plan = mm._plan(x, w, b, activation, res, None)
+    plan = mm._plan(x, w, b, activation, res, None, None, None)
     assert plan.tma
     meta = plan_meta(plan)
     assert meta["EPILOGUE_SUBTILE"] == variant["epilogue_subtile"]
@@ -314,7 +316,7 @@ def test_tma_store_in_place_and_unaligned_outputs(monkeypatch, kernel_options, d
     assert matmul(x, w, activation="relu", residual=h, alpha=0.5, out=h) is h
     assert_close(h, expected, TOL[dtype], "TMA store, in-place residual add")
     w37 = rand(37, 48, dtype=dtype)
-    plan = mm._plan(x, w37, None, None, None, None)
+    plan = mm._plan(x, w37, None, None, None, None, None, None)
     assert plan.tma and not plan_meta(plan)["TMA_STORE"]
     assert_close(matmul(x, w37), reference(x, w37), TOL[dtype], "unaligned output rows")
 

@@ -86,7 +86,8 @@ if mode == "stream":
         tensor.sum()  # reads every page of the tensor, as a copy to the GPU does
         del tensor
 else:
-    model = zoo.load(path, device="cpu", dtype=getattr(torch, mode))
+    dtype, _, quantize = mode.partition("+")  # e.g. "float16+fp8"
+    model = zoo.load(path, device="cpu", dtype=getattr(torch, dtype), quantize=quantize or None)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"before": before, "peak": peak, "model_bytes": model_bytes}))
@@ -173,4 +174,22 @@ def test_streaming_holds_one_tensor_at_a_time(checkpoint):
     assert numbers["increase"] <= bound, (
         f"streaming the checkpoint: peak RSS rose {numbers['increase'] / MB:.0f} MB, above the "
         f"largest tensor {largest_tensor / MB:.1f} MB + slack {STREAM_SLACK / MB:.0f} MB"
+    )
+
+
+def test_quantizing_load_peaks_near_the_fp8_model_plus_one_shard(checkpoint):
+    """quantize="fp8" quantizes each tensor as it streams in: the peak is the (smaller) FP8
+    model plus what a plain load holds beside its model, never a full-precision copy."""
+    path, largest_shard, _ = checkpoint
+    numbers = measure(path, "float16+fp8")
+    model_bytes = numbers["model_bytes"]
+    # 8 layers of FP8 Linears (1 byte a weight, 4 a row scale), embedding, head and norms in fp16
+    linears = 8 * (1536 * 1024 + 1024 * 1024 + 3072 * 1024 + 1024 * 1536)
+    rows = 8 * (1536 + 1024 + 3072 + 1024)
+    assert model_bytes == linears + 4 * rows + 2 * (2 * 8000 * 1024 + 17 * 1024)
+    bound = model_bytes + largest_shard + LOAD_SLACK
+    assert numbers["increase"] <= bound, (
+        f"fp8 load: peak RSS rose {numbers['increase'] / MB:.0f} MB, above model "
+        f"{model_bytes / MB:.0f} MB + largest shard {largest_shard / MB:.0f} MB + slack "
+        f"{LOAD_SLACK / MB:.0f} MB"
     )

@@ -40,6 +40,8 @@ def __getattr__(name: str):
 
 # A Hugging Face repo id: "org/name" (one slash; names of letters, digits, "-", "_", ".").
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# zoo.load(quantize=...): FP8 e4m3 weights with a scale per output row (zoo/quant.py)
+QUANTIZE_METHODS = ("fp8",)
 # What a repo id alone fetches with pretrained=False: the architecture, not the weights.
 CONFIG_FILES = ["config.json", "generation_config.json"]
 
@@ -52,6 +54,7 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     revision: str | None = None,
     tp: int | None = None,
+    quantize: str | None = None,
 ):
     """Build a zoo model from a registry name, a Hugging Face repo id or a local checkpoint folder.
 
@@ -74,11 +77,21 @@ def load(
     started from torchrun's variables (nccl on CUDA, gloo on the CPU); N must be its size. On
     CUDA the device is this process's LOCAL_RANK GPU. Every rank must then make the same calls
     (forward, generate, chat), which return the same results on every rank.
+
+    quantize="fp8" gives every Linear of the blocks FP8 e4m3 weights with one scale per output
+    row, quantized as the checkpoint streams in (the embedding, norms and LM head keep dtype);
+    published FP8 checkpoints (compressed-tensors "float-quantized", quant_method "fp8") load as
+    FP8 without it (and as they are with it).
     """
     import torch
 
     if tp is not None and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
         raise ValueError(f"tp: expected an int >= 1 (the number of GPUs), got {tp!r}")
+    if quantize is not None and quantize not in QUANTIZE_METHODS:
+        raise ValueError(
+            f"quantize: unknown method {quantize!r}; expected one of {QUANTIZE_METHODS} or None"
+        )
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cuda", "cpu", "meta"):
         raise ValueError(f"device {device}: unsupported; use 'cuda', 'cpu' or 'meta'")
@@ -96,14 +109,22 @@ def load(
 
     folder, hf_config, generation_config = _resolve(name_or_path, pretrained, revision, hf)
     _announce_interpreter()  # after the name resolved: a typo gets its own error only
+    from convert import fp8
+    from zoo import quant
     from zoo.generation import GenerationConfig
     from zoo.models import family_for
 
     source = str(folder or name_or_path)
     _check_identity(hf_config, source)
     family = family_for(hf_config, source)
+    scheme = _quantization_scheme(hf_config, source, hf)
     config = _config(family, hf_config, source, hf)
     parallel = None
+    if tp is not None and tp > 1 and (quantize is not None or scheme is not None):
+        raise ValueError(
+            f"{source}: tp={tp} with FP8 weights: tensor parallelism takes 16-bit weights only "
+            "(load the unquantized checkpoint without quantize=)"
+        )
     if tp is not None and tp > 1:
         if not family.tensor_parallel:
             raise ValueError(
@@ -122,13 +143,24 @@ def load(
     with _naming_source(source, parallel is not None):
         shard = [parallel.shard] if parallel else []
         key_map = family.key_map(config, *shard) if pretrained else {}
+    fp8_weights: set[str] = set()
+    if pretrained and scheme is not None:
+        fp8_weights = fp8.fp8_weights(headers, key_map, family.normalize_key, source)
+        key_map = fp8.checkpoint_key_map(key_map, fp8_weights, scheme)
     if pretrained:  # names first: cheap, and before a model of a wrong size is even built
         hf.check_checkpoint(headers, key_map, family.normalize_key)
     with _naming_source(source, parallel is not None), torch.device("meta"):
         model = family.model_class(config, **({"tp": parallel} if parallel else {}))
+    if quantize == "fp8" and scheme is None:
+        fp8_weights = quant.linear_weights(model)
+        key_map = fp8.quantizing_key_map(key_map, fp8_weights) if pretrained else key_map
+    model = model.to(dtype)
+    # random weights are quantized once they exist (below); meta models show the FP8 layout
+    if fp8_weights and (pretrained or device.type == "meta"):
+        static_input = scheme is not None and scheme.static_input
+        quant.use_fp8_linears(model, fp8_weights, static_input, source)
     if pretrained:
         hf.check_shapes(model, headers, key_map, family.normalize_key)
-    model = model.to(dtype)
     if device.type != "meta":
         model = model.to_empty(device=device)
         if pretrained:
@@ -138,6 +170,8 @@ def load(
             model.init_random(torch.Generator(device).manual_seed(seed))
         else:
             model.init_random()
+            if fp8_weights:
+                quant.quantize_model_(model)
     model.init_buffers()
     model.eval().requires_grad_(False)
     model.generation_config = GenerationConfig.from_dict(generation_config)
@@ -241,15 +275,7 @@ def _check_identity(hf_config: dict, source: str) -> None:
 
 def _config(family, hf_config: dict, source: str, hf):
     """The family's config dataclass; a config.json that lacks a key or holds an unsupported value
-    (rope_type, activation, quantization) fails here, before any weight is read, naming the
-    checkpoint."""
-    quantization = hf_config.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
-        raise hf.CheckpointError(
-            f"{source}: quantized checkpoint (quantization_config, quant_method {method!r}) is "
-            "unsupported; use a float32 / float16 / bfloat16 checkpoint"
-        )
+    (rope_type, activation) fails here, before any weight is read, naming the checkpoint."""
     try:
         return family.config_from_hf(hf_config)
     except KeyError as e:
@@ -259,6 +285,17 @@ def _config(family, hf_config: dict, source: str, hf):
         ) from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def _quantization_scheme(hf_config: dict, source: str, hf):
+    """The FP8 scheme of a quantized checkpoint (None: not quantized); another quantization
+    method, or an FP8 variant our kernels lack, fails here, before any weight is read."""
+    from convert.fp8 import UnsupportedQuantization, scheme_from_config
+
+    try:
+        return scheme_from_config(hf_config)
+    except UnsupportedQuantization as e:
+        raise hf.CheckpointError(f"{source}: {e}") from None
 
 
 def _resolve(name_or_path, pretrained, revision, hf):

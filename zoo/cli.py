@@ -139,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="default: bfloat16 on a GPU, float32 on the CPU (where bfloat16 is refused)",
     )
+    gen.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="fp8: FP8 weights for every Linear of the blocks, quantized as the checkpoint loads "
+        "(FP8 checkpoints load as FP8 without it)",
+    )
     return parser
 
 
@@ -291,6 +298,7 @@ def _run_generate(args: argparse.Namespace, tp: int, lead: bool) -> int:
             progress=progress_bar() if lead else None,
             revision=args.revision,
             tp=tp,
+            quantize=args.quantize,
         )
     except KeyError as e:  # an unknown registry name (the message lists the known ones)
         raise UsageError(e.args[0] if e.args else str(e)) from None

@@ -1,0 +1,150 @@
+"""FP8 (e4m3) quantization of activation rows: q = round(x / s) with one fp32 scale s per row.
+
+Layout: x is [M, K] (any row stride, unit column stride), fp32 / fp16 / bf16; q is a new
+contiguous float8_e4m3fn [M, K] and scales a new fp32 [M]. K may be any size.
+- Dynamic (per token): s = max|x_row| / 448, so each row uses the whole e4m3 range.
+- Static (a checkpoint's input_scale, one fp32 value): s is that value for every row; values
+  beyond +-448 s saturate, as in the checkpoint's calibration.
+Rounding is to nearest even, bit for bit what torch's cast to float8_e4m3fn gives after
+x / s clamped to +-448: the value is rounded in fp32 first (round_to_e4m3), so the final cast
+converts an exactly representable value. (Triton's interpreter does not round the cast itself
+correctly: it truncates where rounding carries into the exponent.)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import KernelLaunch, PlanCache, tensor_key
+from kernels.utils import (
+    INTERPRET,
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl_meta,
+    wait_for_previous_grid,
+)
+
+E4M3_MAX = 448.0
+MIN_SCALE = 1e-12  # a row of zeros: any positive scale gives zeros; keeps x / s finite
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """fp32 v clamped to +-448 and rounded to the nearest e4m3 value (ties to even), as fp32."""
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    # normal e4m3 (|v| >= 2^-6): keep 3 of fp32's 23 mantissa bits, ties to even; a carry out of
+    # the mantissa moves into the exponent, as it must
+    bits = v.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    # subnormal e4m3 (|v| < 2^-6) are multiples of 2^-9: fp32 addition rounds to those next to
+    # 1.5 * 2^14, whose ulp is 2^-9; the sign is put back after (-0.0 stays -0.0)
+    magnitude = (tl.abs(v) + 24576.0) - 24576.0
+    sign = bits & 0x80000000
+    subnormal = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize_fp8_kernel(
+    x_ptr,  # [M, K], row stride x_stride_m
+    q_ptr,  # [M, K] float8_e4m3fn, row stride q_stride_m
+    scale_ptr,  # [M] fp32 out
+    input_scale_ptr,  # [1] fp32: the static scale (read only when STATIC)
+    K,
+    x_stride_m,
+    q_stride_m,
+    STATIC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    wait_for_previous_grid(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * x_stride_m
+    if STATIC:
+        scale = tl.load(input_scale_ptr)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+    tl.store(scale_ptr + row, scale)
+    for k in range(0, K, BLOCK_K):
+        mask = k + offs_k < K
+        x = tl.load(x_row + k + offs_k, mask=mask, other=0.0).to(tl.float32)
+        q = round_to_e4m3(tl.math.div_rn(x, scale))
+        tl.store(q_ptr + row * q_stride_m + k + offs_k, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+_plans = PlanCache()
+
+
+def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
+    """Checks the inputs of a new signature and fixes its launch."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape [M, K], got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} is not supported, expected one of {_DTYPES}")
+    check_last_dim_contiguous("x", x)
+    if input_scale is not None:
+        if input_scale.numel() != 1 or input_scale.dtype != torch.float32:
+            raise ValueError(
+                f"input_scale: expected one fp32 value, got {input_scale.dtype} of shape "
+                f"{tuple(input_scale.shape)}"
+            )
+        if input_scale.device != x.device:
+            raise ValueError(f"input_scale: device {input_scale.device} != x's {x.device}")
+    block_k = next_pow2(x.shape[1]) if INTERPRET else min(next_pow2(x.shape[1]), 2048)
+    meta = {
+        "STATIC": input_scale is not None,
+        "BLOCK_K": block_k,
+        "num_warps": 4 if INTERPRET else min(max(block_k // 256, 1), 8),
+        **pdl_meta(x.device, x.shape[0]),
+    }
+    return KernelLaunch(_quantize_fp8_kernel, (x.shape[0],), meta)
+
+
+def quantize_fp8(
+    x: torch.Tensor, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [M, K], scales fp32 [M]) of x [M, K], per row (dynamic) or with the
+    static input_scale (one fp32 value): x ~= q * scales[:, None]."""
+    if torch.compiler.is_compiling():
+        q, scales = torch.ops.zoo.quantize_fp8(x, input_scale)
+        return q, scales
+    key = (tensor_key(x), tensor_key(input_scale))
+    launch = _plans.get(key)
+    if launch is None:
+        launch = _plans.put(key, _plan(x, input_scale))
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scales
+    launch(
+        x,
+        q,
+        scales,
+        input_scale if input_scale is not None else scales,
+        k,
+        x.stride(0),
+        q.stride(0),
+    )
+    return q, scales
+
+
+@torch.library.custom_op("zoo::quantize_fp8", mutates_args=())
+def _quantize_fp8_op(
+    x: torch.Tensor, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_fp8(x, input_scale)
+
+
+@_quantize_fp8_op.register_fake
+def _(x, input_scale):
+    return (
+        x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+        x.new_empty(x.shape[0], dtype=torch.float32),
+    )
