@@ -397,6 +397,13 @@ def _quantized_reference(hf_model, linear_names):
     return _dequantized_reference(hf_model, weights)
 
 
+def test_tensor_parallel_with_fp8_is_refused(hf_llama, tmp_path):
+    """Before any process group starts: tp > 1 takes 16-bit weights only."""
+    hf_llama.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tp=2 with FP8 weights"):
+        zoo.load(tmp_path, device=DEVICE, dtype=torch.float32, quantize="fp8", tp=2)
+
+
 def test_quantize_on_load_llama(hf_llama, tmp_path):
     hf_llama.save_pretrained(tmp_path, max_shard_size="40KB")
     model = zoo.load(tmp_path, device=DEVICE, dtype=torch.float32, quantize="fp8")
