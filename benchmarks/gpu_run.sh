@@ -63,9 +63,13 @@ run_tests() {  # the whole suite; with pytest-xdist, 8 workers per GPU (conftest
     workers=()
   fi
   python -c "import pytest_timeout" 2>/dev/null && workers+=(--timeout 300)  # no test hangs the run
-  python -m pytest -q -rfEs --tb=short --durations 25 -p no:cacheprovider \
-    "${workers[@]}" ${TESTS:-tests} 2>&1 | grep --line-buffered -v "Writing model shards" >"$OUT/pytest.log"
+  # failures land in $OUT/failures.log as they happen (conftest.py): a run cut short keeps them
+  : >"$OUT/failures.log"
+  ZOO_FAILURE_LOG="$OUT/failures.log" python -m pytest -q -rfEs --tb=short --durations 25 \
+    -p no:cacheprovider "${workers[@]}" ${TESTS:-tests} 2>&1 |
+    grep --line-buffered -v "Writing model shards" >"$OUT/pytest.log"
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/pytest.log" | tail -40
+  grep "^==== " "$OUT/failures.log" | head -40
 }
 
 smoke() {
@@ -150,7 +154,10 @@ for stage in "$@"; do
       # shellcheck disable=SC2086
       torchrun --nproc-per-node "$gpus" benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/bench_tp.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     tp-tests)
-      python -m pytest -q -rs -s -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/pytest_tp.log" | tail -30 ;;
+      : >"$OUT/failures_tp.log"
+      ZOO_FAILURE_LOG="$OUT/failures_tp.log" python -m pytest -v -rs -s -p no:cacheprovider \
+        tests/test_tensor_parallel.py 2>&1 | grep --line-buffered -v "Writing model shards" |
+        tee "$OUT/pytest_tp.log" | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage took ${SECONDS}s"

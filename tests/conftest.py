@@ -16,6 +16,15 @@ if _worker.startswith("gw") and torch.cuda.is_available():
     torch.cuda.set_device(int(_worker[2:]) % torch.cuda.device_count())
 
 
+def pytest_runtest_logreport(report):
+    """With ZOO_FAILURE_LOG set, each failure's report is appended to that file as it happens, so
+    a run cut short by a time limit keeps what failed and why (the summary comes only at the end)."""
+    path = os.environ.get("ZOO_FAILURE_LOG")
+    if path and report.failed and not hasattr(report, "node"):  # once, where the test ran
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
