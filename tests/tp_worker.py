@@ -41,6 +41,12 @@ def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, devic
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Every result is on disk: leave without the interpreter's teardown. gloo's background threads
+    # can abort a process there ("terminate called without an active exception": seen once, on
+    # both ranks, in a full CPU suite run); an abort before this point still fails the test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_case(zoo, case: dict, world: int, device: str) -> dict:
