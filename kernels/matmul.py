@@ -125,6 +125,12 @@ def _epilogue(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha, ACTIVATION,
         HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
     )  # fmt: skip
+    _store_tile(y, offs_m, offs_n, M, N, out_ptr, out_stride_m)
+
+
+@triton.jit
+def _store_tile(y, offs_m, offs_n, M, N, out_ptr, out_stride_m):
+    """y's rows offs_m and columns offs_n of out, rounded once to out's dtype, edges masked."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -370,9 +376,7 @@ def _tma_epilogue_slice(
     if TMA_STORE:
         out_desc.store([off_m, off_n], y.to(out_desc.dtype))
     else:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_tile(y, offs_m, offs_n, M, N, out_ptr, out_stride_m)
 
 
 @triton.jit
@@ -478,12 +482,12 @@ def _matmul_tma_kernel(
             if FUSED_GATE:
                 # gate rows past N read up rows (or zeros): those columns are never stored
                 acc_up = tl.dot(x, w_desc.load([N + off_n, off_k]).T, acc_up)
-        if W_FP8 or X_FP8:
-            acc, acc_up = _fp8_scaled(
-                acc, acc_up, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
-                off_n.to(tl.int64) + tl.arange(0, BLOCK_N), M, N, w_scale_ptr, x_scale_ptr,
-                FUSED_GATE, W_FP8, X_FP8,
-            )  # fmt: skip
+        # FP8 operands: the whole tile scaled before the epilogue's slices (else a no-op)
+        acc, acc_up = _fp8_scaled(
+            acc, acc_up, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
+            off_n.to(tl.int64) + tl.arange(0, BLOCK_N), M, N, w_scale_ptr, x_scale_ptr,
+            FUSED_GATE, W_FP8, X_FP8,
+        )  # fmt: skip
         if EPILOGUE_SUBTILE == 1:
             _tma_epilogue_slice(
                 acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
