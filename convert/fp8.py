@@ -35,11 +35,20 @@ FP8_HEADER_DTYPE = "F8_E4M3"
 COMPRESSED_TENSORS_FORMATS = ("float-quantized", "naive-quantized")
 
 
+def row_scales(rows: torch.Tensor) -> torch.Tensor:
+    """fp32 [N] scales of [N, K] fp32 rows: max|row| / 448, correctly rounded (as
+    kernels/quantize.py divides), at least MIN_SCALE. The divisor is a tensor: torch's CUDA
+    kernels turn a division by a Python scalar into a multiplication by its reciprocal, which can
+    be one ulp off."""
+    amax = rows.abs().amax(dim=1)
+    return (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(MIN_SCALE)
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn [N, K], fp32 scales [N]) of a [N, K] weight: each row scaled so its largest
     magnitude is 448, then rounded to nearest even. Computed in fp32 on w's device."""
     w32 = w.float()
-    scale = (w32.abs().amax(dim=1) / E4M3_MAX).clamp_min(MIN_SCALE)
+    scale = row_scales(w32)
     q = (w32 / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

@@ -15,6 +15,10 @@ Layout assumptions:
 - Products accumulate in fp32; fp32 inputs use IEEE fp32 products (not tf32), as torch does.
   The epilogue runs in fp32 and rounds once to the output dtype (HF rounds the linear's output
   before adding the residual; ours is the more exact of the two).
+- FP8 weights: converted in registers at small M; at large M on Hopper x is quantized per row
+  (kernels/quantize.py) and the dot runs on the FP8 tensor cores, which add products with fewer
+  mantissa bits than fp32 (about 14): each BLOCK_K slice's sum is added into the fp32 accumulator
+  (max_num_imprecise_acc), so that error stays at one slice's instead of growing with K.
 
 On the GPU the kernel is autotuned with a bucketed key (M rounded up to a power of two, capped;
 N; K), and skinny-M problems (decode) that would leave SMs idle are split along K: fp32 partials
@@ -22,10 +26,10 @@ go to a workspace and a small epilogue kernel sums them. Large-M fp16/bf16 probl
 Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper. Under the Triton
 interpreter fixed configs are used and there is no split-K; the TMA kernel runs there too.
 
-Choices still being measured are kernel options (kernels.utils.KERNEL_OPTIONS, off by default):
-the decode table (M buckets 32..128: one row block per batch, K split to fill the SMs) and the TMA
-kernel's epilogue variants (the accumulator in 2 or 4 column slices, TMA stores, warp
-specialization).
+Kernel options (kernels.utils.KERNEL_OPTIONS, benchmarks/bench_options.py measures them): the
+decode table (M buckets 32..128: one row block per batch, K split to fill the SMs; on) and the TMA
+kernel's epilogue variants (TMA stores, on; the accumulator in 2 or 4 column slices and warp
+specialization, off).
 """
 
 import functools
@@ -259,6 +263,7 @@ def _matmul_kernel(
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,  # weight float8_e4m3fn, scaled per row in the epilogue
     X_FP8: tl.constexpr,  # x float8_e4m3fn too (FP8 tensor cores), scaled per row
+    FP8_PROMOTE: tl.constexpr,  # X_FP8: each BLOCK_K slice's sum added in fp32 (else the MMA's)
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -310,12 +315,18 @@ def _matmul_kernel(
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if W_FP8 and not X_FP8:  # FP8 weights, converted in registers (exact in x's dtype)
             w = w.to(x.dtype)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(
+            x, w, acc, input_precision=DOT_PRECISION,
+            max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+        )  # fmt: skip
         if FUSED_GATE:
             w_up = tl.load(w_up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if W_FP8 and not X_FP8:
                 w_up = w_up.to(x.dtype)
-            acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(
+                x, w_up, acc_up, input_precision=DOT_PRECISION,
+                max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+            )  # fmt: skip
             w_up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -443,6 +454,7 @@ def _matmul_tma_kernel(
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,
     X_FP8: tl.constexpr,
+    FP8_PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -478,10 +490,16 @@ def _matmul_tma_kernel(
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             x = x_desc.load([off_m, off_k])
-            acc = tl.dot(x, w_desc.load([off_n, off_k]).T, acc)
+            acc = tl.dot(
+                x, w_desc.load([off_n, off_k]).T, acc,
+                max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+            )  # fmt: skip
             if FUSED_GATE:
                 # gate rows past N read up rows (or zeros): those columns are never stored
-                acc_up = tl.dot(x, w_desc.load([N + off_n, off_k]).T, acc_up)
+                acc_up = tl.dot(
+                    x, w_desc.load([N + off_n, off_k]).T, acc_up,
+                    max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+                )  # fmt: skip
         # FP8 operands: the whole tile scaled before the epilogue's slices (else a no-op)
         acc, acc_up = _fp8_scaled(
             acc, acc_up, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
@@ -785,6 +803,7 @@ _matmul_kernel_tuned = (
             "CONFIG_TABLE",
             "W_FP8",
             "X_FP8",
+            "FP8_PROMOTE",
         ],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
@@ -806,6 +825,7 @@ _matmul_tma_kernel_tuned = (
             "FUSED_GATE",
             "HAS_RESIDUAL",
             "X_FP8",
+            "FP8_PROMOTE",
             "EPILOGUE_SUBTILE",
             "TMA_STORE",
             "WARP_SPECIALIZE",
@@ -1056,12 +1076,14 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
         "X_FP8": fp8_dot,
         **pdl_meta(x.device, m),
     }
+    # FP8 dots: partial sums promoted to fp32 per K slice unless the fast-accumulation option
+    fp8_promote = fp8_dot and not kernels.utils.KERNEL_OPTIONS["fp8_fast_accum"]
     key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype,
-           w_fp8, fp8_dot)  # fmt: skip
+           w_fp8, fp8_dot, fp8_promote)  # fmt: skip
 
     if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot):
         variant = _tma_variant(out, n, x.element_size())
-        tma_meta = {**shared_meta, **variant}
+        tma_meta = {**shared_meta, **variant, "FP8_PROMOTE": fp8_promote}
         key = (*key, *variant.values())
         if INTERPRET:
             config = _INTERPRET_TMA_CONFIG
@@ -1081,6 +1103,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     meta = {
         **shared_meta,
         "CONFIG_TABLE": table,
+        "FP8_PROMOTE": fp8_promote,
         "SPLIT_K": split_k,
         "DOT_PRECISION": "tf32" if fp8_dot else dot_precision(x.dtype),  # (unused by FP8 dots)
         # 0 without PDL too: one compiled variant per launch, whatever the weight's size

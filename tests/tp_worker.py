@@ -5,12 +5,16 @@ out_dir/<case>.<rank>.pt."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
 import traceback
 
 import torch
+
+# one case on one rank, autotuning its kernels on a GPU included
+CASE_TIMEOUT_S = float(os.environ.get("ZOO_TP_CASE_TIMEOUT_S", 600))
 
 
 def free_port() -> int:
@@ -36,8 +40,13 @@ def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, devic
 
     try:
         for case in cases:
+            # a case stuck (a collective one rank never joins, say) prints every thread's stack
+            # and ends the process: the spawn then fails instead of hanging the test session
+            faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+            print(f"rank {rank}: case {case['name']}", file=sys.stderr, flush=True)
             result = run_case(zoo, case, world, device)
             torch.save(result, os.path.join(out_dir, f"{case['name']}.{rank}.pt"))
+        faulthandler.cancel_dump_traceback_later()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
