@@ -38,3 +38,19 @@ def kernel_options():
     previous = dict(kernels.utils.KERNEL_OPTIONS)
     yield kernels.utils.set_kernel_options
     kernels.utils.set_kernel_options(**previous)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans_around_monkeypatching(request):
+    """Launch plans fix a signature's kernel, config and split for good; a test that
+    monkeypatches may change those (split-K, the autotuner's configs, the PDL switch). Around such
+    a test the plans are dropped, so no other test runs a plan made under its patches (and it runs
+    none made before them)."""
+    patched = "monkeypatch" in request.fixturenames
+    if patched:
+        from kernels.launch import clear_plans
+
+        clear_plans()
+    yield
+    if patched:
+        clear_plans()

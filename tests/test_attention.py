@@ -167,9 +167,15 @@ def test_sliding_window(dtype, B, Tq, S, Hq, Hkv, D, window, starts, ends):
 
 
 def test_window_larger_than_sequence_equals_no_window():
+    """Bitwise where both run one config (the interpreter); on the GPU the windowed kernel has an
+    autotune entry of its own (HAS_WINDOW is in the key), whose blocks may sum in another order."""
     q, k, v = _qkv(2, 33, 33, 4, 2, 16, torch.float32)
     kw = dict(causal=True, scale=0.25, kv_start=_lengths([0, 5]))
-    assert torch.equal(attention(q, k, v, **kw, window=33), attention(q, k, v, **kw))
+    windowed, unlimited = attention(q, k, v, **kw, window=33), attention(q, k, v, **kw)
+    if DEVICE == "cpu":
+        assert torch.equal(windowed, unlimited)
+    else:
+        assert_close(windowed, unlimited, RTOL[torch.float32], "window 33 vs none")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

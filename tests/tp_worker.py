@@ -9,6 +9,7 @@ import faulthandler
 import os
 import socket
 import sys
+import time
 import traceback
 
 import torch
@@ -43,9 +44,16 @@ def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, devic
             # a case stuck (a collective one rank never joins, say) prints every thread's stack
             # and ends the process: the spawn then fails instead of hanging the test session
             faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
-            print(f"rank {rank}: case {case['name']}", file=sys.stderr, flush=True)
+            print(f"rank {rank}: case {case['name']}...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
             result = run_case(zoo, case, world, device)
             torch.save(result, os.path.join(out_dir, f"{case['name']}.{rank}.pt"))
+            print(
+                f"rank {rank}: case {case['name']}: {outcome(result)} "
+                f"({time.perf_counter() - start:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         faulthandler.cancel_dump_traceback_later()
     finally:
         if dist.is_initialized():
@@ -56,6 +64,14 @@ def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, devic
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def outcome(result: dict) -> str:
+    """One line on a case's result: its error's or crash's last line, else done."""
+    for kind in ("crash", "error"):
+        if kind in result:
+            return f"{kind}: {result[kind].strip().splitlines()[-1]}"
+    return "done"
 
 
 def run_case(zoo, case: dict, world: int, device: str) -> dict:
