@@ -32,7 +32,8 @@
 #   tp-tests  the tensor-parallel tests (two ranks on two GPUs, fp32 and bf16)
 #   fp8       Llama-3-8B with FP8 weights vs bf16 in one process: decode batch 1 (prompt 128, 128
 #             new) and batch 32 (prompt 512, 64 new), prefill 1 x 2048 (CUDA graphs only)
-#   fp8-accuracy  FP8 weights at real size: error against HF fp32 and top-1 beside bf16's, and
+#   fp8-accuracy  the FP8 dot's accumulation error at Llama-3-8B's K (benchmarks/fp8_accumulation.py),
+#             then FP8 weights at real size: error against HF fp32 and top-1 beside bf16's, and
 #             against the fp32 model with the same FP8 weights dequantized (benchmarks/accuracy.py)
 #   fp8-profile   the kernels of an FP8 Llama-3-8B prefill and decode step: matmuls all ours
 # Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
@@ -117,6 +118,7 @@ for stage in "$@"; do
     fp8)
       python benchmarks/bench_decoder.py --model llama3-8b --quantize fp8 --versus-bf16 --graph-only --shapes 1x128x128,32x512x64 --out "$OUT/bench_llama3-8b_fp8.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     fp8-accuracy)
+      python benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation.json" 2>&1 | tee "$OUT/fp8_accumulation.log"
       python benchmarks/accuracy.py --models llama3-8b,gpt2 --fp8 --out "$OUT/accuracy_fp8.json" 2>&1 | grep -v "Writing model shards" | tee "$OUT/accuracy_fp8.log" ;;
     fp8-profile)
       python benchmarks/profile_kernels.py --model llama3-8b --quantize fp8 2>&1 | tee "$OUT/profile_fp8.log" ;;
