@@ -289,7 +289,7 @@ def test_cli_prints_on_the_first_rank_only(checkpoints, ranks, capsys):
 
     assert main(cli_argv(checkpoints["cli"], RANKS_DEVICE)) == 0
     expected = capsys.readouterr()
-    first, other = ranks[("cli", 0)], ranks[("cli", 1)]
+    first, other = rank_results(ranks, "cli")
     assert first["status"] == other["status"] == 0, first["stderr"] + other["stderr"]
     assert first["stdout"] == expected.out and expected.out.strip()
     assert other["stdout"] == other["stderr"] == ""

@@ -125,6 +125,9 @@ def run_cli(argv: list[str]) -> dict:
     from zoo.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(argv)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(argv)
+    except Exception:  # reported by the test like any case's crash, the spawn still completes
+        return {"crash": traceback.format_exc() + err.getvalue()}
     return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
