@@ -211,8 +211,7 @@ def main() -> None:
             args.out,
             device,
             model=args.model,
-            bf16_matmul_flops=peak,
-            copy_bandwidth_Bps=roofline.copy_Bps,
+            **roofline.limits(),
             plain_call_cuda_graph_option=opt_out,
             rows=rows,
         )

@@ -183,8 +183,7 @@ def main() -> None:
         write_result(
             args.out,
             device,
-            bf16_matmul_flops=roofline.matmul_flops,
-            copy_bandwidth_Bps=roofline.copy_Bps,
+            **roofline.limits(),
             matmul=matmuls,
             attention=attentions,
         )

@@ -370,8 +370,7 @@ def main() -> None:
         write_result(
             args.out,
             device,
-            copy_bandwidth_Bps=roofline.copy_Bps,
-            bf16_matmul_flops=roofline.matmul_flops,
+            **roofline.limits(),
             epilogues=epilogues,
             decode_matmuls=matmuls,
             decode_attention=attentions,

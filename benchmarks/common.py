@@ -66,6 +66,10 @@ class Roofline:
             f"{self.matmul_flops / 1e12:.0f} TFLOP/s (both measured in this run)"
         )
 
+    def limits(self) -> dict:
+        """The two measured limits as a result JSON stores them."""
+        return {"copy_bandwidth_Bps": self.copy_Bps, "bf16_matmul_flops": self.matmul_flops}
+
     def fields(self, seconds: float | None, bytes_moved: float, flops: float) -> dict:
         """A table row's roofline numbers: the floor (ms), what bounds it and our % of it."""
         return {
