@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from convert.fp8 import E4M3_MAX, MIN_SCALE
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
 from kernels.utils import (
     INTERPRET,
@@ -24,15 +25,16 @@ from kernels.utils import (
     wait_for_previous_grid,
 )
 
-E4M3_MAX = 448.0
-MIN_SCALE = 1e-12  # a row of zeros: any positive scale gives zeros; keeps x / s finite
+# the format's constants (convert/fp8.py, shared with the weight quantizer) inside the kernels
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)  # a row of zeros: any positive scale gives zeros
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
 def round_to_e4m3(v):
     """fp32 v clamped to +-448 and rounded to the nearest e4m3 value (ties to even), as fp32."""
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    v = tl.minimum(tl.maximum(v, -_E4M3_MAX), _E4M3_MAX)
     # normal e4m3 (|v| >= 2^-6): keep 3 of fp32's 23 mantissa bits, ties to even; a carry out of
     # the mantissa moves into the exponent, as it must
     bits = v.to(tl.uint32, bitcast=True)
@@ -69,7 +71,7 @@ def _quantize_fp8_kernel(
         for k in range(0, K, BLOCK_K):
             x = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _E4M3_MAX), _MIN_SCALE)
     tl.store(scale_ptr + row, scale)
     for k in range(0, K, BLOCK_K):
         mask = k + offs_k < K
