@@ -37,6 +37,7 @@ from bench_decoder import decode_timing, ours_generate  # noqa: E402
 from common import measure_copy_bandwidth, median_seconds, write_result  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo.parallel import destroy_group  # noqa: E402
 
 
 def step_bytes_per_gpu(model, batch: int, context: float) -> float:
@@ -168,7 +169,7 @@ def main() -> None:
     report(result, args, bandwidth, say)
     if lead and args.out:
         write_result(args.out, torch.cuda.get_device_name(), **result)
-    dist.destroy_process_group()
+    destroy_group()  # not dist.destroy_process_group() alone: see zoo.parallel.destroy_group
 
 
 def report(result: dict, args, bandwidth: float, say) -> None:

@@ -56,21 +56,33 @@ stored_peers() {  # with PEERS=1: the stored HF peer numbers of this GPU kind fo
   [ -n "$peers" ] && cp "benchmarks/results/${gpu}_$1_hf_peers.json" "$OUT/" 2>/dev/null || true
 }
 
-run_tests() {  # the whole suite; with pytest-xdist, 8 workers per GPU (conftest.py spreads them)
+run_tests() {  # the whole suite; with pytest-xdist, 8 workers per GPU (conftest.py spreads them;
+  # loadgroup: a module marked xdist_group stays on one worker)
   local workers
   if python -c "import xdist" 2>/dev/null; then
-    workers=(-n "${TEST_WORKERS:-$((8 * $(nvidia-smi -L | wc -l)))}" --dist load)
+    workers=(-n "${TEST_WORKERS:-$((8 * $(nvidia-smi -L | wc -l)))}" --dist loadgroup)
   else
     workers=()
   fi
   python -c "import pytest_timeout" 2>/dev/null && workers+=(--timeout 300)  # no test hangs the run
   # failures land in $OUT/failures.log as they happen (conftest.py): a run cut short keeps them
-  : >"$OUT/failures.log"
-  ZOO_FAILURE_LOG="$OUT/failures.log" python -m pytest -q -rfEs --tb=short --durations 25 \
-    -p no:cacheprovider "${workers[@]}" ${TESTS:-tests} 2>&1 |
+  : >"$OUT/failures.log"; : >"$OUT/progress.log"
+  # TEST_TIME_S: interrupt pytest then (it still prints its summary and durations)
+  ZOO_FAILURE_LOG="$OUT/failures.log" ZOO_PROGRESS_LOG="$OUT/progress.log" \
+    ${TEST_TIME_S:+timeout --signal=INT --kill-after=30 "$TEST_TIME_S"} \
+    python -m pytest -q -rfEs --tb=short --durations 25 -p no:cacheprovider "${workers[@]}" \
+    ${TESTS:-tests} 2>&1 |
     grep --line-buffered -v "Writing model shards" >"$OUT/pytest.log"
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/pytest.log" | tail -40
   grep "^==== " "$OUT/failures.log" | head -40
+  progress_summary "$OUT/progress.log"
+}
+
+progress_summary() {  # from conftest.py's progress log: tests started but not ended, the slowest
+  echo "-- still running at the end:"
+  awk '$1 == "start" {run[$3] = $2} $1 == "end" {delete run[$4]} END {for (t in run) print run[t], t}' "$1"
+  echo "-- slowest (seconds, setup and teardown included):"
+  awk '$1 == "end" {print $3, $2, $4}' "$1" | sort -rn | head -25
 }
 
 smoke() {

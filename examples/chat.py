@@ -73,6 +73,10 @@ def main() -> None:
             show(" [interrupted]", end="")
         show()
         messages.append({"role": "assistant", "content": reply})
+    if world > 1:  # graphs and symmetric memory released, then the process group zoo.load started
+        from zoo.parallel import end_started_group
+
+        end_started_group()
 
 
 def read_line(rank: int, world: int) -> str | None:

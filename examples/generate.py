@@ -68,6 +68,10 @@ def main() -> None:
     else:
         count = len(stream.tokens)
         show(f"[{count} new tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s]")
+    if world > 1:  # graphs and symmetric memory released, then the process group zoo.load started
+        from zoo.parallel import end_started_group
+
+        end_started_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import time
 
 import torch
 
@@ -14,6 +15,36 @@ import pytest  # noqa: E402
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _worker.startswith("gw") and torch.cuda.is_available():
     torch.cuda.set_device(int(_worker[2:]) % torch.cuda.device_count())
+
+
+def pytest_configure(config):
+    # pytest-xdist's mark (a no-op without it): tests of one group run on one worker
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist the grouped tests (the tensor-parallel spawn, minutes on GPUs) go first,
+    so their worker starts on them while the others share out the rest."""
+    if _worker:
+        items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ZOO_PROGRESS_LOG set, each test's start and end (with its seconds, setup and teardown
+    included) are appended to that file where it runs: a run cut short shows which tests were
+    still running and which took longest."""
+    path = os.environ.get("ZOO_PROGRESS_LOG")
+    if not path:
+        yield
+        return
+    worker = _worker or "main"
+    with open(path, "a") as log:
+        log.write(f"start {worker} {item.nodeid}\n")
+    start = time.perf_counter()
+    yield
+    with open(path, "a") as log:
+        log.write(f"end {worker} {time.perf_counter() - start:.1f} {item.nodeid}\n")
 
 
 def pytest_runtest_logreport(report):

@@ -18,6 +18,10 @@ from convert.shard import Shard
 
 transformers = pytest.importorskip("transformers")
 
+# Under pytest-xdist (--dist loadgroup) one worker runs this module: its spawn of two ranks, a
+# module fixture, then happens once instead of on every worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("tensor_parallel")
+
 WORLD = 2
 NEW_TOKENS = 4
 FP32_RTOL = 1e-4

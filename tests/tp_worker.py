@@ -57,7 +57,9 @@ def run(rank: int, world: int, port: int, cases: list[dict], out_dir: str, devic
         faulthandler.cancel_dump_traceback_later()
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from zoo.parallel import destroy_group
+
+            destroy_group()
     # Every result is on disk: leave without the interpreter's teardown. gloo's background threads
     # can abort a process there ("terminate called without an active exception": seen once, on
     # both ranks, in a full CPU suite run); an abort before this point still fails the test.

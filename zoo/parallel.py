@@ -20,9 +20,11 @@ Only imported for tp > 1: a single-GPU model never touches torch.distributed.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,8 @@ class TensorParallel:
         self.shard = Shard(self.rank, self.world)
         self._first_rank = dist.get_global_rank(group, 0)
         self._symmetric: list[torch.Tensor] | None = None  # SYMMETRIC_SLOTS buffers, when on
+        self._models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # prepare_gpu's models
+        _INSTANCES.add(self)
 
     def __reduce__(self):
         raise TypeError("a tensor-parallel model belongs to its processes: it cannot be copied")
@@ -185,7 +189,26 @@ class TensorParallel:
         pool = graph_pool(model)
         pool.capture_mode = "thread_local"
         pool.agree_bytes = self.max_over_ranks
+        self._models.add(model)
         self.enable_symmetric_memory(dtype)
+
+    def release(self) -> None:
+        """Free what holds the process group's resources on the GPU: the CUDA graphs of this
+        group's models (they captured its collectives) and the symmetric-memory buffers. The
+        models still work afterwards, eagerly over NCCL until graphs are captured again; call on
+        every rank before the group is destroyed."""
+        for model in list(self._models):
+            engine = getattr(model, "engine", None)
+            if engine is not None:
+                engine.reset()  # its decode graph and the plain-call graphs
+            else:
+                from zoo.graphs import graph_pool
+
+                graph_pool(model).clear()
+        self._symmetric = None
+        gc.collect()  # graphs and buffers held only by reference cycles
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -239,13 +262,25 @@ def from_first_rank(value):
 
 # whether setup started the default process group (end_started_group ends it then)
 _started_group = False
+# every TensorParallel of this process (destroy_group releases them first)
+_INSTANCES: weakref.WeakSet[TensorParallel] = weakref.WeakSet()
+
+
+def destroy_group() -> None:
+    """Destroy the default process group, every model on it first releasing its CUDA graphs and
+    symmetric memory (TensorParallel.release): with those alive, NCCL's teardown waits forever
+    on two H200s. Call on every rank."""
+    for tp in list(_INSTANCES):
+        tp.release()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def end_started_group() -> None:
     """Destroy the default process group if zoo.load started it (the CLI's last step)."""
     global _started_group
     if _started_group and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_group()
     _started_group = False
 
 
