@@ -194,9 +194,9 @@ class TensorParallel:
 
     def release(self) -> None:
         """Free what holds the process group's resources on the GPU: the CUDA graphs of this
-        group's models (they captured its collectives) and the symmetric-memory buffers. The
-        models still work afterwards, eagerly over NCCL until graphs are captured again; call on
-        every rank before the group is destroyed."""
+        group's models (they captured its collectives) and the symmetric-memory buffers. While
+        the group lives the models still work (their next calls capture graphs again, every
+        all-reduce through NCCL). Call on every rank before the group is destroyed."""
         for model in list(self._models):
             engine = getattr(model, "engine", None)
             if engine is not None:
