@@ -197,14 +197,8 @@ class TensorParallel:
         group's models (they captured its collectives) and the symmetric-memory buffers. While
         the group lives the models still work (their next calls capture graphs again, every
         all-reduce through NCCL). Call on every rank before the group is destroyed."""
-        for model in list(self._models):
-            engine = getattr(model, "engine", None)
-            if engine is not None:
-                engine.reset()  # its decode graph and the plain-call graphs
-            else:
-                from zoo.graphs import graph_pool
-
-                graph_pool(model).clear()
+        for model in list(self._models):  # decoders (the families tp covers): each has an engine
+            model.engine.reset()  # its decode graph and the plain-call graphs
         self._symmetric = None
         gc.collect()  # graphs and buffers held only by reference cycles
         if self.device.type == "cuda":
