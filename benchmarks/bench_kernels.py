@@ -9,7 +9,7 @@ off, and `--configs` prints the autotuner's time per tile config. Each table has
 line: the floor of each case (its bytes over the measured copy bandwidth or its FLOPs over the
 measured bf16 matmul rate, the larger) and ours' and the peer's % of it.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs] [--fp8-decode]
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ MATMULS = [
     ("llama3-8b 1x2048 o", 2048, 4096, 4096, None, False, True),
     ("llama3-8b 1x2048 gate-up", 2048, 28672, 4096, "silu_mul", False, False),
     ("llama3-8b 1x2048 down", 2048, 4096, 14336, None, False, True),
+]
+# Llama-3-8B's projections at decode batch 1 (label, weight rows, K, activation, residual), for
+# --fp8-decode: bf16 weights beside FP8 ones through the matrix-vector kernel and the tl.dot one
+DECODE_MATMULS = [
+    ("llama3-8b 1x1 qkv", 6144, 4096, None, False),
+    ("llama3-8b 1x1 o", 4096, 4096, None, True),
+    ("llama3-8b 1x1 gate-up", 28672, 4096, "silu_mul", False),
+    ("llama3-8b 1x1 down", 4096, 14336, None, True),
 ]
 # (label, batch, seq, heads, head dim, causal)
 ATTENTIONS = [
@@ -108,6 +116,62 @@ def matmul_case(case, roofline: Roofline, paths: bool, configs: bool) -> dict:
     return row
 
 
+def matvec_timings(tuner) -> str:
+    timings = getattr(tuner, "configs_timings", None) or {}
+    rows = sorted(timings.items(), key=lambda item: item[1][0] if item[1] else float("inf"))
+    return "; ".join(
+        f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}: "
+        f"{t[0] * 1e3:.1f}us"
+        for c, t in rows
+    )
+
+
+def fp8_decode_case(case, roofline: Roofline, configs: bool) -> dict:
+    """One decode projection at M = 1: bf16 weights, then FP8 ones under both kernel paths."""
+    from convert.fp8 import quantize_rows
+    from kernels.utils import set_kernel_options
+
+    label, n_w, k, activation, has_residual = case
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(1, k, device=dev, dtype=dt)
+    w = torch.randn(n_w, k, device=dev, dtype=dt) / k**0.5
+    w8, scale = quantize_rows(w.float())
+    n = n_w // 2 if activation == "silu_mul" else n_w
+    res = torch.randn(1, n, device=dev, dtype=dt) if has_residual else None
+    row = {"case": label, "N": n_w, "K": k}
+    row["bf16_us"] = 1e3 * bench(
+        lambda: matmul_module.matmul(x, w, activation=activation, residual=res)
+    )
+    expected = matmul_module.matmul(x, w8, activation=activation, residual=res, weight_scale=scale)
+    for name, on in (("matvec", 1), ("dot", 0)):
+        previous = set_kernel_options(fp8_matvec=on)
+        try:
+
+            def ours():
+                return matmul_module.matmul(
+                    x, w8, activation=activation, residual=res, weight_scale=scale
+                )
+
+            y = ours()
+            if configs and on:
+                print(f"  {label} matvec: {matvec_timings(matmul_module._matvec_fp8_kernel_tuned)}")
+            row[f"fp8_{name}_us"] = 1e3 * bench(ours)
+            row[f"fp8_{name}_max_diff"] = (y.float() - expected.float()).abs().max().item()
+        finally:
+            set_kernel_options(**previous)
+    elems = 2 * k + n * (2 if has_residual else 1)  # x, the output (and the residual), in bf16
+    for name, weight_bytes in (
+        ("bf16", 2 * n_w * k),
+        ("fp8_matvec", n_w * k),
+        ("fp8_dot", n_w * k),
+    ):
+        bytes_moved = weight_bytes + 2 * elems + (4 * n_w if name != "bf16" else 0)
+        row[f"{name}_roofline_pct"] = roofline.percent(
+            row[f"{name}_us"] * 1e-6, bytes_moved, 2 * n_w * k
+        )
+    return row
+
+
 def attention_case(case, roofline: Roofline, configs: bool) -> dict:
     label, batch, seq, heads, head_dim, causal = case
     dev, dt = "cuda", torch.bfloat16
@@ -141,11 +205,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", action="store_true", help="also time the pointer kernel")
     parser.add_argument("--configs", action="store_true", help="print autotune timings")
+    parser.add_argument(
+        "--fp8-decode",
+        action="store_true",
+        help="only Llama-3-8B's decode projections at batch 1: bf16 and FP8 weights",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     roofline = Roofline.measure()
     print(f"{device}: {roofline.header()}")
+    if args.fp8_decode:
+        rows = [fp8_decode_case(case, roofline, args.configs) for case in DECODE_MATMULS]
+        print(
+            "\n| decode matmul, M = 1 | N x K | bf16 us | FP8 matvec us | FP8 tl.dot us "
+            "| bf16 / FP8 matvec time | % of roofline: bf16 / FP8 matvec / FP8 tl.dot |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(
+                f"| {r['case']} | {r['N']}x{r['K']} | {r['bf16_us']:.1f} | {r['fp8_matvec_us']:.1f} "
+                f"| {r['fp8_dot_us']:.1f} | {r['bf16_us'] / r['fp8_matvec_us']:.2f}x "
+                f"| {r['bf16_roofline_pct']:.0f}% / {r['fp8_matvec_roofline_pct']:.0f}% "
+                f"/ {r['fp8_dot_roofline_pct']:.0f}% |"
+            )
+        print(
+            "max |FP8 output - the default path's| (matvec, tl.dot):",
+            [(r["fp8_matvec_max_diff"], r["fp8_dot_max_diff"]) for r in rows],
+        )
+        if args.out:
+            write_result(args.out, device, **roofline.limits(), fp8_decode=rows)
+        return
 
     matmuls = [matmul_case(case, roofline, args.paths, args.configs) for case in MATMULS]
     print(

@@ -94,7 +94,11 @@ def attempt_us(what: str, fn) -> float | None:
 def restart_tuning() -> None:
     """Forget the matmul autotuner's picks, so the next calls tune under the current options."""
     matmul_module._tuned_configs.clear()
-    for tuner in (matmul_module._matmul_kernel_tuned, matmul_module._matmul_tma_kernel_tuned):
+    for tuner in (
+        matmul_module._matmul_kernel_tuned,
+        matmul_module._matmul_tma_kernel_tuned,
+        matmul_module._matvec_fp8_kernel_tuned,
+    ):
         tuner.cache.clear()
 
 

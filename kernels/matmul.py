@@ -15,7 +15,8 @@ Layout assumptions:
 - Products accumulate in fp32; fp32 inputs use IEEE fp32 products (not tf32), as torch does.
   The epilogue runs in fp32 and rounds once to the output dtype (HF rounds the linear's output
   before adding the residual; ours is the more exact of the two).
-- FP8 weights: converted in registers at small M; at large M on Hopper x is quantized per row
+- FP8 weights: at M = 1 a matrix-vector kernel streams them without tensor cores (option
+  fp8_matvec); converted in registers at other small M; at large M on Hopper x is quantized per row
   (kernels/quantize.py) and the dot runs on the FP8 tensor cores, which add products with fewer
   mantissa bits than fp32 (about 14): each BLOCK_K slice's sum is added into the fp32 accumulator
   (max_num_imprecise_acc), so that error stays at one slice's instead of growing with K.
@@ -347,6 +348,72 @@ def _matmul_kernel(
 
 
 @triton.jit
+def _matvec_fp8_kernel(
+    x_ptr,  # [1, K], unit column stride
+    w_ptr,  # float8_e4m3fn [N, K] or fused [2N, K], row stride w_stride_n, unit column stride
+    bias_ptr,  # [N] or fused [2N]
+    res_ptr,  # [1, N]
+    out_ptr,  # [1, N]
+    ws_ptr,  # (unused: the arguments are _matmul_kernel's, one launch path for both)
+    w_scale_ptr,  # fp32 [N or 2N], the weight's row scales
+    x_scale_ptr,  # (unused)
+    M,  # 1
+    N,  # output columns (I for the fused gated activations)
+    K,
+    M_BUCKET,  # autotune key only
+    x_stride_m,
+    w_stride_n,
+    res_stride_m,
+    out_stride_m,
+    ws_stride_split,
+    ws_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One row of x times an FP8 weight (decode at batch 1), without tensor cores.
+
+    At M = 1 a tl.dot pads x to 16 rows and must stage each converted weight tile through shared
+    memory; reading the weight is all that counts here. Each program streams BLOCK_N whole rows of
+    the weight, [BLOCK_N, BLOCK_K] bytes per step, converts them to fp32 in registers and reduces
+    each step's products along K into one fp32 sum per row: registers hold loads, not partial
+    products, so many bytes stay in flight. The row scales and the rest apply in the epilogue."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    wait_for_previous_grid(USE_PDL)
+
+    x_ptrs = x_ptr + offs_k
+    w_ptrs = w_ptr + offs_n[:, None] * w_stride_n + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k
+        x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x, axis=1)
+        if FUSED_GATE:
+            w_up = tl.load(
+                w_ptrs + N * w_stride_n, mask=mask_n[:, None] & mask_k[None, :], other=0.0
+            )
+            acc_up += tl.sum(w_up.to(tl.float32) * x, axis=1)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    offs_m = tl.zeros((1,), dtype=tl.int64)
+    _epilogue(
+        acc[None, :], acc_up[None, :], offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+        res_stride_m, out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS,
+        HAS_RESIDUAL, FUSED_GATE, True, False,
+    )  # fmt: skip
+
+
+@triton.jit
 def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The left and right column halves of a [BLOCK_M, BLOCK_N] tile (registers, no copy)."""
     acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -647,6 +714,24 @@ _FP8_WEIGHT_CONFIGS = [
     _config(32, 64, 256, 3, 4),
 ]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
+# FP8 weights at M = 1 (_matvec_fp8_kernel, kernel option fp8_matvec): rows per program and
+# bytes of each row per step; small row blocks give the SMs enough programs without a K split.
+_MATVEC_CONFIGS = [
+    triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+    for block_n, block_k, warps, stages in [
+        (8, 512, 4, 1),
+        (8, 1024, 4, 1),
+        (16, 512, 4, 1),
+        (16, 1024, 4, 1),
+        (16, 1024, 8, 1),
+        (32, 512, 4, 1),
+        (32, 1024, 8, 1),
+        (16, 2048, 8, 1),
+        (8, 1024, 4, 3),
+        (16, 512, 4, 3),
+    ]
+]
+_INTERPRET_MATVEC_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
 _FP8_FALLBACK_CONFIG = _config(64, 64, 64, 2, 4)
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _INTERPRET_TMA_CONFIG = {
@@ -687,8 +772,8 @@ def _prune_configs(configs, named_args, **kwargs):
         bucket = _MEDIUM_CONFIGS + _LARGE_CONFIGS
     else:
         bucket = _LARGE_CONFIGS
-    if args["W_FP8"] and not args["X_FP8"] and m_bucket <= 64:
-        bucket = bucket + _FP8_WEIGHT_CONFIGS
+    if args["W_FP8"] and m_bucket <= 64:
+        bucket = bucket + (_FP8_DOT_SMALL_M_CONFIGS if args["X_FP8"] else _FP8_WEIGHT_CONFIGS)
     x = args["x_ptr"]
     kept = [c for c in bucket if _fits(c, n_acc, x.element_size(), max_shared_memory(x.device))]
     if args["X_FP8"]:  # FP8 x FP8 dots: tiles of at least 64 rows, the Hopper FP8 MMA's shape
@@ -751,10 +836,16 @@ _FP8_TMA_CONFIGS = [  # the same with FP8 operands: twice the K per byte of shar
     _tma_config(64, 128, 128, 4, 4, 2),
 ]
 _TMA_MIN_M_BUCKET = 256  # M buckets above this take the TMA kernel where it is available
-# FP8 weights: M buckets above this quantize x per row and take FP8 tensor cores (Hopper, and the
-# interpreter); at or below it the weights are converted in registers (decode is bound by reading
-# them, and x keeps its precision).
-_FP8_DOT_MIN_M_BUCKET = 64
+# FP8 weights: M buckets above the kernel option fp8_dot_min_m (64) quantize x per row and take
+# FP8 tensor cores (Hopper, and the interpreter); at or below it the weights are converted in
+# registers (decode is bound by reading them, and x keeps its precision).
+# FP8 x FP8 dots at M buckets <= 64 (fp8_dot_min_m=16): 64-row tiles (the MMA's), long K steps
+_FP8_DOT_SMALL_M_CONFIGS = [
+    _config(64, 64, 256, 3, 4),
+    _config(64, 32, 256, 4, 4),
+    _config(64, 128, 128, 4, 4),
+    _config(64, 64, 128, 4, 4),
+]
 _INTERPRET_TMA_PROGRAMS = 2  # the interpreter's persistent programs: each walks several tiles
 
 
@@ -791,7 +882,8 @@ _matmul_kernel_tuned = (
         + _MEDIUM_CONFIGS
         + _LARGE_CONFIGS
         + [c for table in _DECODE_CONFIGS.values() for c in table]
-        + _FP8_WEIGHT_CONFIGS,  # _prune_configs picks the bucket's
+        + _FP8_WEIGHT_CONFIGS
+        + _FP8_DOT_SMALL_M_CONFIGS,  # _prune_configs picks the bucket's
         key=[
             "M_BUCKET",
             "N",
@@ -811,6 +903,33 @@ _matmul_kernel_tuned = (
         do_bench=_bench_cudagraph,
     )(_matmul_kernel)
 )
+
+
+def _prune_matvec_configs(configs, named_args, **kwargs):
+    """Configs whose loaded weight tiles (two with the fused gate) take at most 128 bytes per thread."""
+    n_acc = 2 if kwargs["FUSED_GATE"] else 1
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * n_acc <= 128 * 32 * c.num_warps
+    ]
+    if named_args["N"] * n_acc * named_args["K"] <= _TINY_WEIGHT:
+        kept = kept[:1]
+    return kept
+
+
+_matvec_fp8_kernel_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(
+        configs=_MATVEC_CONFIGS,
+        key=["N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL"],
+        prune_configs_by={"early_config_prune": _prune_matvec_configs},
+        restore_value=["out_ptr"],
+        do_bench=_bench_cudagraph,
+    )(_matvec_fp8_kernel)
+)
+
 
 _matmul_tma_kernel_tuned = (
     None
@@ -895,7 +1014,10 @@ def _decode_split_k(n: int, k: int, sms: int) -> int:
 
 def _takes_fp8_dot(weight: torch.Tensor, m_bucket: int) -> bool:
     """FP8 weights at large M on a GPU with FP8 tensor cores (Hopper; also the interpreter)."""
-    if weight.dtype != torch.float8_e4m3fn or m_bucket <= _FP8_DOT_MIN_M_BUCKET:
+    if (
+        weight.dtype != torch.float8_e4m3fn
+        or m_bucket <= kernels.utils.KERNEL_OPTIONS["fp8_dot_min_m"]
+    ):
         return False
     return INTERPRET or is_hopper_or_newer(weight.device)
 
@@ -1081,6 +1203,8 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype,
            w_fp8, fp8_dot, fp8_promote)  # fmt: skip
 
+    if w_fp8 and m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec"]:
+        return _matvec_plan(n, out_shape, shared_meta, key)
     if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot):
         variant = _tma_variant(out, n, x.element_size())
         tma_meta = {**shared_meta, **variant, "FP8_PROMOTE": fp8_promote}
@@ -1134,6 +1258,22 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
         return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue, fp8_dot=fp8_dot)
     tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table), grid, meta)
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot)
+
+
+def _matvec_plan(n: int, out_shape, shared_meta: dict, key: tuple) -> _Plan:
+    """One row of x times an FP8 weight: _matvec_fp8_kernel, BLOCK_N rows of the weight per program."""
+    meta = {name: v for name, v in shared_meta.items() if name not in ("W_FP8", "X_FP8")}
+
+    def grid(launch_meta):
+        return (triton.cdiv(n, launch_meta["BLOCK_N"]),)
+
+    if INTERPRET:
+        main = KernelLaunch(
+            _matvec_fp8_kernel, grid(_INTERPRET_MATVEC_CONFIG), {**meta, **_INTERPRET_MATVEC_CONFIG}
+        )
+        return _Plan(n, out_shape, main=main)
+    tune = (_matvec_fp8_kernel, _matvec_fp8_kernel_tuned, ("matvec", *key), grid, meta)
+    return _Plan(n, out_shape, tune=tune)
 
 
 def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:

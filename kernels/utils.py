@@ -67,6 +67,12 @@ KERNEL_OPTION_CHOICES = {
     # FP8 x FP8 matmul (large M): 1 leaves the partial sums in the tensor cores' accumulation
     # (about 14 mantissa bits, the error growing with K) instead of adding each K slice in fp32
     "fp8_fast_accum": (0, 1),
+    # FP8 weights at M = 1 (decode at batch 1): a matrix-vector kernel without tensor cores,
+    # instead of the tl.dot kernel with x padded to 16 rows
+    "fp8_matvec": (1, 0),
+    # FP8 weights: M buckets above this quantize x per row for the FP8 tensor cores (at or below
+    # it the weights are converted in registers for a 16-bit tl.dot)
+    "fp8_dot_min_m": (64, 16),
 }
 
 

@@ -97,8 +97,9 @@ def _reference(x, weight, scale, bias, activation, residual, alpha, x_scale_inpu
 @pytest.mark.parametrize(
     "m, activation, static",
     [
-        (1, None, False),  # decode: weights converted in registers
-        (7, "silu_mul", False),
+        (1, None, False),  # decode at batch 1: the matrix-vector kernel
+        (1, "silu_mul", False),  # the same with the fused gate, K = 3072
+        (7, "silu_mul", False),  # weights converted in registers for a tl.dot
         (100, None, False),  # x quantized per row, FP8 dot
         (100, "silu_mul", True),  # with a static input scale
         (300, None, False),  # the persistent TMA kernel for fp16 / bf16
@@ -108,7 +109,7 @@ def _reference(x, weight, scale, bias, activation, residual, alpha, x_scale_inpu
 )
 def test_fp8_matmul_against_reference(dtype, m, activation, static):
     # K a multiple of 16 (TMA rows), N odd-sized
-    k, n = (3072, 202) if m == 3 else (96, 74)
+    k, n = (3072, 202) if m == 3 or (m == 1 and activation) else (96, 74)
     x = torch.randn(m, k, dtype=dtype, device=DEVICE)
     weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
     bias = torch.randn(n, dtype=dtype, device=DEVICE)
@@ -132,6 +133,31 @@ def test_fp8_matmul_against_reference(dtype, m, activation, static):
         FP8_DOT_RTOL[dtype] if quantized_x is not None and DEVICE == "cuda" else KERNEL_RTOL[dtype]
     )
     assert_close(y, expected, rtol, f"fp8 matmul m={m} k={k}")
+
+
+@pytest.mark.parametrize(
+    "m, activation", [(1, None), (1, "silu_mul"), (32, None), (32, "silu_mul")]
+)
+def test_fp8_kernel_options_small_m(kernel_options, m, activation):
+    """The other side of each small-M option: M = 1 through the tl.dot kernel (fp8_matvec=0), and
+    M = 32 with x quantized for the FP8 tensor cores (fp8_dot_min_m=16; K = 3072, split on the GPU)."""
+    if m == 1:
+        kernel_options(fp8_matvec=0)
+    else:
+        kernel_options(fp8_dot_min_m=16)
+    dtype = torch.float16
+    k, n = 3072, 202
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
+    n_out = n // 2 if activation else n
+    residual = torch.randn(m, n_out, dtype=dtype, device=DEVICE)
+    y = matmul(x, weight, activation=activation, residual=residual, weight_scale=scale)
+    quantized_x = quantize_fp8(x) if m == 32 else None
+    expected = _reference(x, weight, scale, None, activation, residual, 1.0, quantized_x)
+    rtol = (
+        FP8_DOT_RTOL[dtype] if quantized_x is not None and DEVICE == "cuda" else KERNEL_RTOL[dtype]
+    )
+    assert_close(y, expected, rtol, f"fp8 matmul m={m} k={k}, the other small-M option")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter's FP8 dot is exact")
