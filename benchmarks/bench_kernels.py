@@ -71,9 +71,10 @@ def bench(fn) -> float:
 def tuned_timings(tuner) -> str:
     timings = getattr(tuner, "configs_timings", None) or {}
     rows = sorted(timings.items(), key=lambda item: item[1][0] if item[1] else float("inf"))
+    blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")  # those a kernel's configs have
     return "; ".join(
-        f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs.get('BLOCK_K', '')}"
-        f" w{c.num_warps} s{c.num_stages}: {t[0] * 1e3:.1f}us"
+        "x".join(str(c.kwargs[b]) for b in blocks if b in c.kwargs)
+        + f" w{c.num_warps} s{c.num_stages}: {t[0] * 1e3:.1f}us"
         for c, t in rows
     )
 
@@ -116,16 +117,6 @@ def matmul_case(case, roofline: Roofline, paths: bool, configs: bool) -> dict:
     return row
 
 
-def matvec_timings(tuner) -> str:
-    timings = getattr(tuner, "configs_timings", None) or {}
-    rows = sorted(timings.items(), key=lambda item: item[1][0] if item[1] else float("inf"))
-    return "; ".join(
-        f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}: "
-        f"{t[0] * 1e3:.1f}us"
-        for c, t in rows
-    )
-
-
 def fp8_decode_case(case, roofline: Roofline, configs: bool) -> dict:
     """One decode projection at M = 1: bf16 weights, then FP8 ones under both kernel paths."""
     from convert.fp8 import quantize_rows
@@ -142,19 +133,17 @@ def fp8_decode_case(case, roofline: Roofline, configs: bool) -> dict:
     row["bf16_us"] = 1e3 * bench(
         lambda: matmul_module.matmul(x, w, activation=activation, residual=res)
     )
-    expected = matmul_module.matmul(x, w8, activation=activation, residual=res, weight_scale=scale)
+
+    def ours():
+        return matmul_module.matmul(x, w8, activation=activation, residual=res, weight_scale=scale)
+
+    expected = ours()
     for name, on in (("matvec", 1), ("dot", 0)):
         previous = set_kernel_options(fp8_matvec=on)
         try:
-
-            def ours():
-                return matmul_module.matmul(
-                    x, w8, activation=activation, residual=res, weight_scale=scale
-                )
-
             y = ours()
             if configs and on:
-                print(f"  {label} matvec: {matvec_timings(matmul_module._matvec_fp8_kernel_tuned)}")
+                print(f"  {label} matvec: {tuned_timings(matmul_module._matvec_fp8_kernel_tuned)}")
             row[f"fp8_{name}_us"] = 1e3 * bench(ours)
             row[f"fp8_{name}_max_diff"] = (y.float() - expected.float()).abs().max().item()
         finally:

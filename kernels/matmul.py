@@ -394,13 +394,12 @@ def _matvec_fp8_kernel(
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k
+        mask = mask_n[:, None] & mask_k[None, :]
         x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
         acc += tl.sum(w.to(tl.float32) * x, axis=1)
         if FUSED_GATE:
-            w_up = tl.load(
-                w_ptrs + N * w_stride_n, mask=mask_n[:, None] & mask_k[None, :], other=0.0
-            )
+            w_up = tl.load(w_ptrs + N * w_stride_n, mask=mask, other=0.0)
             acc_up += tl.sum(w_up.to(tl.float32) * x, axis=1)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -838,8 +837,8 @@ _FP8_TMA_CONFIGS = [  # the same with FP8 operands: twice the K per byte of shar
 _TMA_MIN_M_BUCKET = 256  # M buckets above this take the TMA kernel where it is available
 # FP8 weights: M buckets above the kernel option fp8_dot_min_m (64) quantize x per row and take
 # FP8 tensor cores (Hopper, and the interpreter); at or below it the weights are converted in
-# registers (decode is bound by reading them, and x keeps its precision).
-# FP8 x FP8 dots at M buckets <= 64 (fp8_dot_min_m=16): 64-row tiles (the MMA's), long K steps
+# registers (decode is bound by reading them, and x keeps its precision). These are the FP8 x FP8
+# configs of M buckets <= 64 (fp8_dot_min_m=16): 64-row tiles (the MMA's), long K steps.
 _FP8_DOT_SMALL_M_CONFIGS = [
     _config(64, 64, 256, 3, 4),
     _config(64, 32, 256, 4, 4),
