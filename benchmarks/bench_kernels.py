@@ -9,7 +9,7 @@ off, and `--configs` prints the autotuner's time per tile config. Each table has
 line: the floor of each case (its bytes over the measured copy bandwidth or its FLOPs over the
 measured bf16 matmul rate, the larger) and ours' and the peer's % of it.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs] [--fp8-decode]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs] [--fp8-decode [M ...]]
 """
 
 from __future__ import annotations
@@ -117,19 +117,22 @@ def matmul_case(case, roofline: Roofline, paths: bool, configs: bool) -> dict:
     return row
 
 
-def fp8_decode_case(case, roofline: Roofline, configs: bool) -> dict:
-    """One decode projection at M = 1: bf16 weights, then FP8 ones under both kernel paths."""
+def fp8_decode_case(case, roofline: Roofline, configs: bool, m: int = 1) -> dict:
+    """One decode projection at M rows: bf16 weights, then FP8 ones down each kernel path (M = 1:
+    the matrix-vector kernel, unsplit too where it splits K, and the tl.dot kernel; M > 1: the
+    weights converted for a tl.dot as its right and its left operand, and x quantized for the
+    FP8 tensor cores)."""
     from convert.fp8 import quantize_rows
     from kernels.utils import set_kernel_options
 
     label, n_w, k, activation, has_residual = case
     dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(1, k, device=dev, dtype=dt)
+    x = torch.randn(m, k, device=dev, dtype=dt)
     w = torch.randn(n_w, k, device=dev, dtype=dt) / k**0.5
     w8, scale = quantize_rows(w.float())
     n = n_w // 2 if activation == "silu_mul" else n_w
-    res = torch.randn(1, n, device=dev, dtype=dt) if has_residual else None
-    row = {"case": label, "N": n_w, "K": k}
+    res = torch.randn(m, n, device=dev, dtype=dt) if has_residual else None
+    row = {"case": label.replace("1x1", f"{m}x1"), "M": m, "N": n_w, "K": k}
     row["bf16_us"] = 1e3 * bench(
         lambda: matmul_module.matmul(x, w, activation=activation, residual=res)
     )
@@ -137,28 +140,68 @@ def fp8_decode_case(case, roofline: Roofline, configs: bool) -> dict:
     def ours():
         return matmul_module.matmul(x, w8, activation=activation, residual=res, weight_scale=scale)
 
-    expected = ours()
-    for name, on in (("matvec", 1), ("dot", 0)):
-        previous = set_kernel_options(fp8_matvec=on)
+    if m == 1:
+        paths = {"matvec": {"fp8_matvec": 1}, "dot": {"fp8_matvec": 0}}
+        if matmul_module._matvec_split_k(n_w, k) > 1:  # beside it, the same kernel unsplit
+            paths["matvec_unsplit"] = {"fp8_matvec": 1, "fp8_matvec_split_k": 0}
+    else:
+        paths = {
+            "weights": {"fp8_swap_ab": 0, "fp8_dot_min_m": 64},
+            "weights_swap_ab": {"fp8_swap_ab": 1, "fp8_dot_min_m": 64},
+            "x_quantized": {"fp8_dot_min_m": 16},
+        }
+    expected = None
+    for name, options in paths.items():
+        previous = set_kernel_options(**options)
         try:
             y = ours()
-            if configs and on:
-                print(f"  {label} matvec: {tuned_timings(matmul_module._matvec_fp8_kernel_tuned)}")
+            expected = y if expected is None else expected
+            if configs:
+                tuner = (
+                    matmul_module._matvec_fp8_kernel_tuned
+                    if m == 1 and options["fp8_matvec"]
+                    else matmul_module._matmul_kernel_tuned
+                )
+                print(f"  {row['case']} {name}: {tuned_timings(tuner)}")
             row[f"fp8_{name}_us"] = 1e3 * bench(ours)
             row[f"fp8_{name}_max_diff"] = (y.float() - expected.float()).abs().max().item()
         finally:
             set_kernel_options(**previous)
-    elems = 2 * k + n * (2 if has_residual else 1)  # x, the output (and the residual), in bf16
-    for name, weight_bytes in (
-        ("bf16", 2 * n_w * k),
-        ("fp8_matvec", n_w * k),
-        ("fp8_dot", n_w * k),
-    ):
-        bytes_moved = weight_bytes + 2 * elems + (4 * n_w if name != "bf16" else 0)
-        row[f"{name}_roofline_pct"] = roofline.percent(
-            row[f"{name}_us"] * 1e-6, bytes_moved, 2 * n_w * k
+    row["paths"] = list(paths)
+    elems = m * k + m * n * (2 if has_residual else 1)  # x, the output (and the residual), in bf16
+    flops = 2 * m * n_w * k
+    row["bf16_roofline_pct"] = roofline.percent(
+        row["bf16_us"] * 1e-6, 2 * n_w * k + 2 * elems, flops
+    )
+    for name in paths:
+        bytes_moved = n_w * k + 2 * elems + 4 * n_w  # FP8 weights and their row scales
+        row[f"fp8_{name}_roofline_pct"] = roofline.percent(
+            row[f"fp8_{name}_us"] * 1e-6, bytes_moved, flops
         )
     return row
+
+
+def print_fp8_decode(rows: list[dict]) -> None:
+    paths = rows[0]["paths"]
+    print(
+        f"\n| decode matmul, M = {rows[0]['M']} | N x K | bf16 us (% of roofline) | "
+        + " | ".join(f"FP8 {name} us (%)" for name in paths)
+        + " | bf16 / best FP8 time |"
+    )
+    print("| --- " * (4 + len(paths)) + "|")
+    for r in rows:
+        best = min(r[f"fp8_{name}_us"] for name in paths)
+        cells = " | ".join(
+            f"{r[f'fp8_{name}_us']:.1f} ({r[f'fp8_{name}_roofline_pct']:.0f}%)" for name in paths
+        )
+        print(
+            f"| {r['case']} | {r['N']}x{r['K']} | {r['bf16_us']:.1f} ({r['bf16_roofline_pct']:.0f}%) "
+            f"| {cells} | {r['bf16_us'] / best:.2f}x |"
+        )
+    print(
+        "max |FP8 output - the first path's| per path:",
+        [[r[f"fp8_{name}_max_diff"] for name in paths] for r in rows],
+    )
 
 
 def attention_case(case, roofline: Roofline, configs: bool) -> dict:
@@ -196,32 +239,23 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="print autotune timings")
     parser.add_argument(
         "--fp8-decode",
-        action="store_true",
-        help="only Llama-3-8B's decode projections at batch 1: bf16 and FP8 weights",
+        nargs="*",
+        type=int,
+        default=None,
+        help="only Llama-3-8B's decode projections at these batch sizes (none given: 1), bf16 and "
+        "FP8 weights down each kernel path",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     roofline = Roofline.measure()
     print(f"{device}: {roofline.header()}")
-    if args.fp8_decode:
-        rows = [fp8_decode_case(case, roofline, args.configs) for case in DECODE_MATMULS]
-        print(
-            "\n| decode matmul, M = 1 | N x K | bf16 us | FP8 matvec us | FP8 tl.dot us "
-            "| bf16 / FP8 matvec time | % of roofline: bf16 / FP8 matvec / FP8 tl.dot |"
-        )
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            print(
-                f"| {r['case']} | {r['N']}x{r['K']} | {r['bf16_us']:.1f} | {r['fp8_matvec_us']:.1f} "
-                f"| {r['fp8_dot_us']:.1f} | {r['bf16_us'] / r['fp8_matvec_us']:.2f}x "
-                f"| {r['bf16_roofline_pct']:.0f}% / {r['fp8_matvec_roofline_pct']:.0f}% "
-                f"/ {r['fp8_dot_roofline_pct']:.0f}% |"
-            )
-        print(
-            "max |FP8 output - the default path's| (matvec, tl.dot):",
-            [(r["fp8_matvec_max_diff"], r["fp8_dot_max_diff"]) for r in rows],
-        )
+    if args.fp8_decode is not None:
+        rows = []
+        for m in args.fp8_decode or [1]:
+            m_rows = [fp8_decode_case(case, roofline, args.configs, m) for case in DECODE_MATMULS]
+            print_fp8_decode(m_rows)
+            rows += m_rows
         if args.out:
             write_result(args.out, device, **roofline.limits(), fp8_decode=rows)
         return

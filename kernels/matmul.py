@@ -16,16 +16,19 @@ Layout assumptions:
   The epilogue runs in fp32 and rounds once to the output dtype (HF rounds the linear's output
   before adding the residual; ours is the more exact of the two).
 - FP8 weights: at M = 1 a matrix-vector kernel streams them without tensor cores (option
-  fp8_matvec); converted in registers at other small M; at large M on Hopper x is quantized per row
-  (kernels/quantize.py) and the dot runs on the FP8 tensor cores, which add products with fewer
-  mantissa bits than fp32 (about 14): each BLOCK_K slice's sum is added into the fp32 accumulator
-  (max_num_imprecise_acc), so that error stays at one slice's instead of growing with K.
+  fp8_matvec; long rows split along K, fp8_matvec_split_k); converted in registers at other small
+  M, as the dot's left operand (out^T = W x^T, fp8_swap_ab); at large M on Hopper x is quantized
+  per row (kernels/quantize.py) and the dot runs on the FP8 tensor cores, which add products
+  with fewer mantissa bits than fp32 (about 14): each BLOCK_K slice's sum is added into the fp32
+  accumulator (max_num_imprecise_acc), so that error stays at one slice's instead of growing
+  with K.
 
 On the GPU the kernel is autotuned with a bucketed key (M rounded up to a power of two, capped;
 N; K), and skinny-M problems (decode) that would leave SMs idle are split along K: fp32 partials
 go to a workspace and a small epilogue kernel sums them. Large-M fp16/bf16 problems (prefill,
 Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper. Under the Triton
-interpreter fixed configs are used and there is no split-K; the TMA kernel runs there too.
+interpreter fixed configs are used and there is no split-K (but for the matrix-vector kernel's,
+decided from shapes alone); the TMA kernel runs there too.
 
 Kernel options (kernels.utils.KERNEL_OPTIONS, benchmarks/bench_options.py measures them): the
 decode table (M buckets 32..128: one row block per batch, K split to fill the SMs; on) and the TMA
@@ -265,6 +268,7 @@ def _matmul_kernel(
     W_FP8: tl.constexpr,  # weight float8_e4m3fn, scaled per row in the epilogue
     X_FP8: tl.constexpr,  # x float8_e4m3fn too (FP8 tensor cores), scaled per row
     FP8_PROMOTE: tl.constexpr,  # X_FP8: each BLOCK_K slice's sum added in fp32 (else the MMA's)
+    SWAP_AB: tl.constexpr,  # W_FP8 only: out^T = W x^T, the converted weight tile the left operand
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -308,29 +312,49 @@ def _matmul_kernel(
     w_ptrs = w_ptr + offs_n[None, :] * w_stride_n + (k_start + offs_k)[:, None]
     w_up_ptrs = w_ptr + (offs_n + N)[None, :] * w_stride_n + (k_start + offs_k)[:, None]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        mask_k = offs_k < k_end - k
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if W_FP8 and not X_FP8:  # FP8 weights, converted in registers (exact in x's dtype)
-            w = w.to(x.dtype)
-        acc = tl.dot(
-            x, w, acc, input_precision=DOT_PRECISION,
-            max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
-        )  # fmt: skip
-        if FUSED_GATE:
-            w_up = tl.load(w_up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if W_FP8 and not X_FP8:
-                w_up = w_up.to(x.dtype)
-            acc_up = tl.dot(
-                x, w_up, acc_up, input_precision=DOT_PRECISION,
+    if SWAP_AB:
+        # FP8 weights at small M: as the left operand the converted tile can feed the tensor cores
+        # from registers; as the right one it must first be written to shared memory
+        w_rows = w_ptr + offs_n[:, None] * w_stride_n + (k_start + offs_k)[None, :]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            mask_k = offs_k < k_end - k
+            x_t = tl.trans(tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0))
+            w = tl.load(w_rows, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_t = tl.dot(w.to(x_t.dtype), x_t, acc_t, input_precision=DOT_PRECISION)
+            if FUSED_GATE:
+                w_up = tl.load(w_rows + N * w_stride_n, mask=mask_n[:, None] & mask_k[None, :],
+                               other=0.0)  # fmt: skip
+                acc_up_t = tl.dot(w_up.to(x_t.dtype), x_t, acc_up_t, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_rows += BLOCK_K
+        acc = tl.trans(acc_t)
+        acc_up = tl.trans(acc_up_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            mask_k = offs_k < k_end - k
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if W_FP8 and not X_FP8:  # FP8 weights, converted in registers (exact in x's dtype)
+                w = w.to(x.dtype)
+            acc = tl.dot(
+                x, w, acc, input_precision=DOT_PRECISION,
                 max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
             )  # fmt: skip
-            w_up_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            if FUSED_GATE:
+                w_up = tl.load(w_up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if W_FP8 and not X_FP8:
+                    w_up = w_up.to(x.dtype)
+                acc_up = tl.dot(
+                    x, w_up, acc_up, input_precision=DOT_PRECISION,
+                    max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+                )  # fmt: skip
+                w_up_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
         _epilogue(
@@ -372,6 +396,7 @@ def _matvec_fp8_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: fp32 partials of K slices to ws, _splitk_epilogue_kernel sums them
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -382,17 +407,23 @@ def _matvec_fp8_kernel(
     memory; reading the weight is all that counts here. Each program streams BLOCK_N whole rows of
     the weight, [BLOCK_N, BLOCK_K] bytes per step, converts them to fp32 in registers and reduces
     each step's products along K into one fp32 sum per row: registers hold loads, not partial
-    products, so many bytes stay in flight. The row scales and the rest apply in the epilogue."""
+    products, so many bytes stay in flight. The row scales and the rest apply in the epilogue.
+    A weight of few but long rows (Llama's down projection) is split along K as well
+    (_matvec_split_k): its rows alone give too few programs to keep enough bytes in flight."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # this program's K slice: whole BLOCK_K steps, so the slices never overlap
+    k_slice = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(1) * k_slice
+    k_end = tl.minimum(k_start + k_slice, K)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     wait_for_previous_grid(USE_PDL)
 
-    x_ptrs = x_ptr + offs_k
-    w_ptrs = w_ptr + offs_n[:, None] * w_stride_n + offs_k[None, :]
+    x_ptrs = x_ptr + k_start + offs_k
+    w_ptrs = w_ptr + offs_n[:, None] * w_stride_n + k_start + offs_k[None, :]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_start, k_end, BLOCK_K):
         mask_k = offs_k < K - k
         mask = mask_n[:, None] & mask_k[None, :]
         x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)[None, :]
@@ -404,12 +435,18 @@ def _matvec_fp8_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    offs_m = tl.zeros((1,), dtype=tl.int64)
-    _epilogue(
-        acc[None, :], acc_up[None, :], offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
-        res_stride_m, out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS,
-        HAS_RESIDUAL, FUSED_GATE, True, False,
-    )  # fmt: skip
+    if SPLIT_K == 1:
+        offs_m = tl.zeros((1,), dtype=tl.int64)
+        _epilogue(
+            acc[None, :], acc_up[None, :], offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+            res_stride_m, out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS,
+            HAS_RESIDUAL, FUSED_GATE, True, False,
+        )  # fmt: skip
+    else:  # row 0 of ws[slice]: gate (or only) sums at n, up sums at N + n
+        ws_ptrs = ws_ptr + tl.program_id(1) * ws_stride_split + offs_n
+        tl.store(ws_ptrs, acc, mask=mask_n)
+        if FUSED_GATE:
+            tl.store(ws_ptrs + N, acc_up, mask=mask_n)
 
 
 @triton.jit
@@ -728,9 +765,16 @@ _MATVEC_CONFIGS = [
         (16, 2048, 8, 1),
         (8, 1024, 4, 3),
         (16, 512, 4, 3),
+        # longer steps: more bytes in flight per program where the rows are few
+        (8, 2048, 4, 1),
+        (4, 2048, 4, 1),
+        (4, 4096, 4, 1),
+        (8, 4096, 8, 1),
     ]
 ]
 _INTERPRET_MATVEC_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
+_MATVEC_SPLIT_MAX_ROWS = 8192  # rows x K slices: 1024 programs of 8 rows
+_MATVEC_MIN_K_SLICE = 4096
 _FP8_FALLBACK_CONFIG = _config(64, 64, 64, 2, 4)
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _INTERPRET_TMA_CONFIG = {
@@ -895,6 +939,7 @@ _matmul_kernel_tuned = (
             "W_FP8",
             "X_FP8",
             "FP8_PROMOTE",
+            "SWAP_AB",
         ],
         prune_configs_by={"early_config_prune": _prune_configs},
         # benchmarking runs the kernel many times: keep an in-place residual add (out is residual) right
@@ -922,7 +967,7 @@ _matvec_fp8_kernel_tuned = (
     if INTERPRET
     else triton.autotune(
         configs=_MATVEC_CONFIGS,
-        key=["N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL"],
+        key=["N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL", "SPLIT_K"],
         prune_configs_by={"early_config_prune": _prune_matvec_configs},
         restore_value=["out_ptr"],
         do_bench=_bench_cudagraph,
@@ -1203,7 +1248,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
            w_fp8, fp8_dot, fp8_promote)  # fmt: skip
 
     if w_fp8 and m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec"]:
-        return _matvec_plan(n, out_shape, shared_meta, key)
+        return _matvec_plan(n, k, out_shape, shared_meta, key)
     if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot):
         variant = _tma_variant(out, n, x.element_size())
         tma_meta = {**shared_meta, **variant, "FP8_PROMOTE": fp8_promote}
@@ -1227,6 +1272,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
         **shared_meta,
         "CONFIG_TABLE": table,
         "FP8_PROMOTE": fp8_promote,
+        "SWAP_AB": w_fp8 and not fp8_dot and bool(kernels.utils.KERNEL_OPTIONS["fp8_swap_ab"]),
         "SPLIT_K": split_k,
         "DOT_PRECISION": "tf32" if fp8_dot else dot_precision(x.dtype),  # (unused by FP8 dots)
         # 0 without PDL too: one compiled variant per launch, whatever the weight's size
@@ -1255,24 +1301,51 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
         config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
         main = KernelLaunch(_matmul_kernel, grid(config), {**meta, **config})
         return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue, fp8_dot=fp8_dot)
-    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table), grid, meta)
+    tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table, meta["SWAP_AB"]), grid,
+            meta)  # fmt: skip
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot)
 
 
-def _matvec_plan(n: int, out_shape, shared_meta: dict, key: tuple) -> _Plan:
-    """One row of x times an FP8 weight: _matvec_fp8_kernel, BLOCK_N rows of the weight per program."""
+def _matvec_split_k(n_rows: int, k: int) -> int:
+    """K slices of the matrix-vector kernel. Programs of few rows each keep a weight's bytes in
+    flight only if there are enough rows: split K in halves while the rows times the slices stay
+    within _MATVEC_SPLIT_MAX_ROWS and each slice keeps >= _MATVEC_MIN_K_SLICE (Llama-3-8B: only
+    the down projection, 4096 x 14336, in two). Shapes only: the interpreter splits the same."""
+    if not kernels.utils.KERNEL_OPTIONS["fp8_matvec_split_k"]:
+        return 1
+    split_k = 1
+    while (
+        n_rows * split_k * 2 <= _MATVEC_SPLIT_MAX_ROWS and k // (2 * split_k) >= _MATVEC_MIN_K_SLICE
+    ):
+        split_k *= 2
+    return split_k
+
+
+def _matvec_plan(n: int, k: int, out_shape, shared_meta: dict, key: tuple) -> _Plan:
+    """One row of x times an FP8 weight: _matvec_fp8_kernel, BLOCK_N rows of the weight per
+    program, and K split where the rows are few (the slices summed by _splitk_epilogue_kernel)."""
+    n_rows = 2 * n if shared_meta["FUSED_GATE"] else n
+    split_k = _matvec_split_k(n_rows, k)
     meta = {name: v for name, v in shared_meta.items() if name not in ("W_FP8", "X_FP8")}
+    meta["SPLIT_K"] = split_k
 
     def grid(launch_meta):
-        return (triton.cdiv(n, launch_meta["BLOCK_N"]),)
+        return (triton.cdiv(n, launch_meta["BLOCK_N"]), split_k)
 
-    if INTERPRET:
-        main = KernelLaunch(
-            _matvec_fp8_kernel, grid(_INTERPRET_MATVEC_CONFIG), {**meta, **_INTERPRET_MATVEC_CONFIG}
+    epilogue = None
+    if split_k > 1:
+        block_n = 128 if INTERPRET else 256
+        epilogue = KernelLaunch(
+            _splitk_epilogue_kernel,
+            (1, triton.cdiv(n, block_n)),
+            {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": 1, "BLOCK_N": block_n},
         )
-        return _Plan(n, out_shape, main=main)
-    tune = (_matvec_fp8_kernel, _matvec_fp8_kernel_tuned, ("matvec", *key), grid, meta)
-    return _Plan(n, out_shape, tune=tune)
+    if INTERPRET:
+        config = _INTERPRET_MATVEC_CONFIG
+        main = KernelLaunch(_matvec_fp8_kernel, grid(config), {**meta, **config})
+        return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue)
+    tune = (_matvec_fp8_kernel, _matvec_fp8_kernel_tuned, ("matvec", *key, split_k), grid, meta)
+    return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
 
 
 def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:

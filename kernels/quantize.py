@@ -1,14 +1,17 @@
-"""FP8 (e4m3) quantization of activation rows: q = round(x / s) with one fp32 scale s per row.
+"""FP8 (e4m3) quantization of activation rows: q = round(x * (1 / s)) with one fp32 scale s per row.
 
 Layout: x is [M, K] (any row stride, unit column stride), fp32 / fp16 / bf16; q is a new
-contiguous float8_e4m3fn [M, K] and scales a new fp32 [M]. K may be any size.
+contiguous float8_e4m3fn [M, K] and scales a new fp32 [M]. K may be any size: a row of up to
+16384 is read once and held in registers, a longer one is read twice in steps.
 - Dynamic (per token): s = max|x_row| / 448, so each row uses the whole e4m3 range.
 - Static (a checkpoint's input_scale, one fp32 value): s is that value for every row; values
   beyond +-448 s saturate, as in the checkpoint's calibration.
-Rounding is to nearest even, bit for bit what torch's cast to float8_e4m3fn gives after
-x / s clamped to +-448: the value is rounded in fp32 first (round_to_e4m3), so the final cast
-converts an exactly representable value. (Triton's interpreter does not round the cast itself
-correctly: it truncates where rounding carries into the exponent.)
+Each value is multiplied by the row's reciprocal scale (1 / s rounded once, as torch computes it):
+a product per value where a division would cost several instructions. Rounding is to nearest
+even, bit for bit what torch's cast to float8_e4m3fn gives after x * (1 / s) clamped to +-448.
+On the GPU the hardware's conversion rounds; Triton's interpreter truncates where rounding
+carries into the exponent, so there the value is rounded in fp32 first (round_to_e4m3) and the
+final cast converts an exactly representable value.
 """
 
 import torch
@@ -29,6 +32,8 @@ from kernels.utils import (
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _MIN_SCALE = tl.constexpr(MIN_SCALE)  # a row of zeros: any positive scale gives zeros
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SINGLE_PASS_MAX_K = 16384  # 64 fp32 values per thread of 8 warps
+_MULTI_PASS_BLOCK_K = 2048
 
 
 @triton.jit
@@ -48,6 +53,15 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def _to_e4m3(v, q_ptr, HW_ROUND: tl.constexpr):
+    """fp32 v clamped to +-448 and rounded to e4m3 (nearest, ties to even) in q_ptr's dtype."""
+    if HW_ROUND:  # one cvt.rn.satfinite per two values; the bit arithmetic would bound the kernel
+        v = tl.minimum(tl.maximum(v, -_E4M3_MAX), _E4M3_MAX)
+        return v.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    return round_to_e4m3(v).to(q_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _quantize_fp8_kernel(
     x_ptr,  # [M, K], row stride x_stride_m
     q_ptr,  # [M, K] float8_e4m3fn, row stride q_stride_m
@@ -57,6 +71,8 @@ def _quantize_fp8_kernel(
     x_stride_m,
     q_stride_m,
     STATIC: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,  # BLOCK_K >= K
+    HW_ROUND: tl.constexpr,  # the GPU's own conversion rounds right (the interpreter's does not)
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -64,20 +80,33 @@ def _quantize_fp8_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * x_stride_m
-    if STATIC:
-        scale = tl.load(input_scale_ptr)
+    q_row = q_ptr + row * q_stride_m
+    if SINGLE_PASS:
+        # the whole row stays in registers: read once, its max and its rounding from there
+        mask = offs_k < K
+        x = tl.load(x_row + offs_k, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(input_scale_ptr)
+        else:
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _E4M3_MAX), _MIN_SCALE)
+        tl.store(scale_ptr + row, scale)
+        inv_scale = tl.math.div_rn(1.0, scale)
+        tl.store(q_row + offs_k, _to_e4m3(x * inv_scale, q_ptr, HW_ROUND), mask=mask)
     else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if STATIC:
+            scale = tl.load(input_scale_ptr)
+        else:
+            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                x = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _E4M3_MAX), _MIN_SCALE)
+        tl.store(scale_ptr + row, scale)
+        inv_scale = tl.math.div_rn(1.0, scale)
         for k in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _E4M3_MAX), _MIN_SCALE)
-    tl.store(scale_ptr + row, scale)
-    for k in range(0, K, BLOCK_K):
-        mask = k + offs_k < K
-        x = tl.load(x_row + k + offs_k, mask=mask, other=0.0).to(tl.float32)
-        q = round_to_e4m3(tl.math.div_rn(x, scale))
-        tl.store(q_ptr + row * q_stride_m + k + offs_k, q.to(q_ptr.dtype.element_ty), mask=mask)
+            mask = k + offs_k < K
+            x = tl.load(x_row + k + offs_k, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + k + offs_k, _to_e4m3(x * inv_scale, q_ptr, HW_ROUND), mask=mask)
 
 
 _plans = PlanCache()
@@ -98,9 +127,14 @@ def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
             )
         if input_scale.device != x.device:
             raise ValueError(f"input_scale: device {input_scale.device} != x's {x.device}")
-    block_k = next_pow2(x.shape[1]) if INTERPRET else min(next_pow2(x.shape[1]), 2048)
+    k = x.shape[1]
+    # rows up to _SINGLE_PASS_MAX_K are held whole in registers (every model's K); longer ones
+    # are read twice, in steps: once for their max, once to round
+    block_k = next_pow2(k) if k <= _SINGLE_PASS_MAX_K else _MULTI_PASS_BLOCK_K
     meta = {
         "STATIC": input_scale is not None,
+        "SINGLE_PASS": block_k >= k,
+        "HW_ROUND": not INTERPRET,
         "BLOCK_K": block_k,
         "num_warps": 4 if INTERPRET else min(max(block_k // 256, 1), 8),
         **pdl_meta(x.device, x.shape[0]),

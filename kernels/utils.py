@@ -70,6 +70,11 @@ KERNEL_OPTION_CHOICES = {
     # FP8 weights at M = 1 (decode at batch 1): a matrix-vector kernel without tensor cores,
     # instead of the tl.dot kernel with x padded to 16 rows
     "fp8_matvec": (1, 0),
+    # the matrix-vector kernel split along K for weights of few, long rows (_matvec_split_k)
+    "fp8_matvec_split_k": (1, 0),
+    # FP8 weights converted in registers (2 <= M <= fp8_dot_min_m): out^T = W x^T, so the
+    # converted weight tile is the dot's left operand, which the tensor cores read from registers
+    "fp8_swap_ab": (1, 0),
     # FP8 weights: M buckets above this quantize x per row for the FP8 tensor cores (at or below
     # it the weights are converted in registers for a 16-bit tl.dot)
     "fp8_dot_min_m": (64, 16),

@@ -17,6 +17,7 @@ import torch
 from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close, left_padded_batch, spread_weights_
 from safetensors.torch import load_file, save_file
 
+import kernels.matmul as matmul_module
 import zoo
 from convert.fp8 import E4M3_MAX, dequantize_rows, quantize_rows, row_scales
 from kernels.matmul import matmul
@@ -58,19 +59,20 @@ def test_quantize_rows_round_trip_and_scale_layout():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("static", [False, True])
-def test_quantize_kernel_matches_torch_bit_for_bit(dtype, static):
-    x = torch.randn(23, 300, dtype=torch.float32) * torch.logspace(-3, 3, 23)[:, None]
+@pytest.mark.parametrize("k", [300, 16500])  # a row held whole in registers; one read in steps
+def test_quantize_kernel_matches_torch_bit_for_bit(dtype, static, k):
+    x = torch.randn(23, k, dtype=torch.float32) * torch.logspace(-3, 3, 23)[:, None]
     x[0] = 0.0
     # values at the edges: saturation, rounding that carries into the exponent, subnormals
     x[1, :6] = torch.tensor([1e4, -1e4, 31.9, 2**-7, -(2**-10), 0.0156])
     x = x.to(dtype).to(DEVICE)
-    rows = torch.empty(23, 333, dtype=dtype, device=DEVICE)[:, 7:307]  # a strided view
+    rows = torch.empty(23, k + 33, dtype=dtype, device=DEVICE)[:, 7 : 7 + k]  # a strided view
     rows.copy_(x)
     input_scale = torch.tensor([0.05], device=DEVICE) if static else None
     q, scales = quantize_fp8(rows, input_scale)
     x32 = x.float()
     expected_scales = torch.full((23,), 0.05, device=DEVICE) if static else row_scales(x32)
-    expected = (x32 / expected_scales[:, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    expected = (x32 * (1 / expected_scales[:, None])).clamp(-E4M3_MAX, E4M3_MAX)
     expected = expected.to(torch.float8_e4m3fn)
     assert torch.equal(scales, expected_scales)
     assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
@@ -99,6 +101,7 @@ def _reference(x, weight, scale, bias, activation, residual, alpha, x_scale_inpu
     [
         (1, None, False),  # decode at batch 1: the matrix-vector kernel
         (1, "silu_mul", False),  # the same with the fused gate, K = 3072
+        (1, "silu_mul", True),  # K = 8192: split in two K slices (static scale: x unquantized)
         (7, "silu_mul", False),  # weights converted in registers for a tl.dot
         (100, None, False),  # x quantized per row, FP8 dot
         (100, "silu_mul", True),  # with a static input scale
@@ -110,6 +113,9 @@ def _reference(x, weight, scale, bias, activation, residual, alpha, x_scale_inpu
 def test_fp8_matmul_against_reference(dtype, m, activation, static):
     # K a multiple of 16 (TMA rows), N odd-sized
     k, n = (3072, 202) if m == 3 or (m == 1 and activation) else (96, 74)
+    if m == 1 and static:
+        k = 8192
+        assert matmul_module._matvec_split_k(n, k) == 2
     x = torch.randn(m, k, dtype=dtype, device=DEVICE)
     weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
     bias = torch.randn(n, dtype=dtype, device=DEVICE)
@@ -136,15 +142,22 @@ def test_fp8_matmul_against_reference(dtype, m, activation, static):
 
 
 @pytest.mark.parametrize(
-    "m, activation", [(1, None), (1, "silu_mul"), (32, None), (32, "silu_mul")]
+    "options, m, activation",
+    [
+        ({"fp8_matvec": 0}, 1, None),
+        ({"fp8_matvec": 0}, 1, "silu_mul"),
+        ({"fp8_dot_min_m": 16}, 32, None),
+        ({"fp8_dot_min_m": 16}, 32, "silu_mul"),
+        ({"fp8_swap_ab": 1}, 7, None),
+        ({"fp8_swap_ab": 1}, 7, "silu_mul"),
+        ({"fp8_swap_ab": 0}, 7, "silu_mul"),
+    ],
 )
-def test_fp8_kernel_options_small_m(kernel_options, m, activation):
-    """The other side of each small-M option: M = 1 through the tl.dot kernel (fp8_matvec=0), and
-    M = 32 with x quantized for the FP8 tensor cores (fp8_dot_min_m=16; K = 3072, split on the GPU)."""
-    if m == 1:
-        kernel_options(fp8_matvec=0)
-    else:
-        kernel_options(fp8_dot_min_m=16)
+def test_fp8_kernel_options_small_m(kernel_options, options, m, activation):
+    """Each small-M option's sides: M = 1 through the tl.dot kernel (fp8_matvec=0); M = 32 with x
+    quantized for the FP8 tensor cores (fp8_dot_min_m=16); M = 7 with the converted weight as the
+    dot's left operand and as its right one (fp8_swap_ab). K = 3072, split on the GPU."""
+    kernel_options(**options)
     dtype = torch.float16
     k, n = 3072, 202
     x = torch.randn(m, k, dtype=dtype, device=DEVICE)
@@ -157,7 +170,7 @@ def test_fp8_kernel_options_small_m(kernel_options, m, activation):
     rtol = (
         FP8_DOT_RTOL[dtype] if quantized_x is not None and DEVICE == "cuda" else KERNEL_RTOL[dtype]
     )
-    assert_close(y, expected, rtol, f"fp8 matmul m={m} k={k}, the other small-M option")
+    assert_close(y, expected, rtol, f"fp8 matmul m={m} k={k}, options {options}")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter's FP8 dot is exact")
