@@ -173,6 +173,20 @@ def test_fp8_kernel_options_small_m(kernel_options, options, m, activation):
     assert_close(y, expected, rtol, f"fp8 matmul m={m} k={k}, options {options}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{"fp8_swap_ab": 1}, {"fp8_swap_ab": 0}])
+def test_fp8_weights_convert_exactly(kernel_options, dtype, options):
+    """Every finite e4m3 value, converted in registers for a tl.dot (M = 16) as its left and as
+    its right operand, comes out exactly: x is the identity."""
+    kernel_options(**options)
+    codes = torch.arange(256, dtype=torch.int32)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN patterns
+    weight = codes.to(torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16).to(DEVICE)
+    x = torch.eye(16, dtype=dtype, device=DEVICE)
+    y = matmul(x, weight, weight_scale=torch.ones(16, device=DEVICE))
+    assert torch.equal(y, weight.to(dtype).T)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter's FP8 dot is exact")
 def test_fp8_dot_error_does_not_grow_with_k():
     """Llama-3-8B's longest K (the down projection, 14336) at large M: with each K slice added in
