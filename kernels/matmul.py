@@ -378,9 +378,9 @@ def _matvec_fp8_kernel(
     bias_ptr,  # [N] or fused [2N]
     res_ptr,  # [1, N]
     out_ptr,  # [1, N]
-    ws_ptr,  # (unused: the arguments are _matmul_kernel's, one launch path for both)
+    ws_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N or 2N]
     w_scale_ptr,  # fp32 [N or 2N], the weight's row scales
-    x_scale_ptr,  # (unused)
+    x_scale_ptr,  # (unused: the arguments are _matmul_kernel's, one launch path for both)
     M,  # 1
     N,  # output columns (I for the fused gated activations)
     K,
@@ -1290,12 +1290,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
 
     epilogue = None
     if split_k > 1:
-        block_m, block_n = (32, 128) if INTERPRET else (16, 256)
-        epilogue = KernelLaunch(
-            _splitk_epilogue_kernel,
-            (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
-            {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
-        )
+        epilogue = _splitk_epilogue(m, n, split_k, shared_meta, block_m=32 if INTERPRET else 16)
     if INTERPRET:
         # the interpreter's fixed config: a decode table's first entry where that table is on
         config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
@@ -1304,6 +1299,16 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table, meta["SWAP_AB"]), grid,
             meta)  # fmt: skip
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot)
+
+
+def _splitk_epilogue(m: int, n: int, split_k: int, shared_meta: dict, block_m: int) -> KernelLaunch:
+    """The launch of _splitk_epilogue_kernel summing split_k fp32 partials of an [m, n] output."""
+    block_n = 128 if INTERPRET else 256
+    return KernelLaunch(
+        _splitk_epilogue_kernel,
+        (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
+        {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
+    )
 
 
 def _matvec_split_k(n_rows: int, k: int) -> int:
@@ -1334,12 +1339,7 @@ def _matvec_plan(n: int, k: int, out_shape, shared_meta: dict, key: tuple) -> _P
 
     epilogue = None
     if split_k > 1:
-        block_n = 128 if INTERPRET else 256
-        epilogue = KernelLaunch(
-            _splitk_epilogue_kernel,
-            (1, triton.cdiv(n, block_n)),
-            {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": 1, "BLOCK_N": block_n},
-        )
+        epilogue = _splitk_epilogue(1, n, split_k, shared_meta, block_m=1)
     if INTERPRET:
         config = _INTERPRET_MATVEC_CONFIG
         main = KernelLaunch(_matvec_fp8_kernel, grid(config), {**meta, **config})

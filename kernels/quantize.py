@@ -81,32 +81,30 @@ def _quantize_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * x_stride_m
     q_row = q_ptr + row * q_stride_m
-    if SINGLE_PASS:
-        # the whole row stays in registers: read once, its max and its rounding from there
+    if SINGLE_PASS:  # the whole row stays in registers: read once, its max and its rounding
         mask = offs_k < K
         x = tl.load(x_row + offs_k, mask=mask, other=0.0).to(tl.float32)
-        if STATIC:
-            scale = tl.load(input_scale_ptr)
-        else:
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _E4M3_MAX), _MIN_SCALE)
-        tl.store(scale_ptr + row, scale)
-        inv_scale = tl.math.div_rn(1.0, scale)
-        tl.store(q_row + offs_k, _to_e4m3(x * inv_scale, q_ptr, HW_ROUND), mask=mask)
+    if STATIC:
+        scale = tl.load(input_scale_ptr)
     else:
-        if STATIC:
-            scale = tl.load(input_scale_ptr)
-        else:
-            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if SINGLE_PASS:
+            amax = tl.max(tl.abs(x), axis=0)
+        else:  # a first read for the max
+            amax_k = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
-                x = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
-                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _E4M3_MAX), _MIN_SCALE)
-        tl.store(scale_ptr + row, scale)
-        inv_scale = tl.math.div_rn(1.0, scale)
+                x_k = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
+                amax_k = tl.maximum(amax_k, tl.abs(x_k.to(tl.float32)))
+            amax = tl.max(amax_k, axis=0)
+        scale = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    if SINGLE_PASS:
+        tl.store(q_row + offs_k, _to_e4m3(x * inv_scale, q_ptr, HW_ROUND), mask=mask)
+    else:  # a second read to round
         for k in range(0, K, BLOCK_K):
-            mask = k + offs_k < K
-            x = tl.load(x_row + k + offs_k, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + k + offs_k, _to_e4m3(x * inv_scale, q_ptr, HW_ROUND), mask=mask)
+            mask_k = k + offs_k < K
+            x_k = tl.load(x_row + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            tl.store(q_row + k + offs_k, _to_e4m3(x_k * inv_scale, q_ptr, HW_ROUND), mask=mask_k)
 
 
 _plans = PlanCache()
