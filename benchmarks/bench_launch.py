@@ -2,12 +2,14 @@
 the GPU work is negligible and the host's time per launch decides, next to torch's nearest op.
 
 Each case is called N times back to back between two synchronizations (the per-call time is the
-host's as long as it exceeds the kernel's). Columns: ours with launch plans and the direct launch
+host's as long as it exceeds the kernel's); every case is warmed up before any is timed, and each
+figure is the median of --rounds such timings (a busy host moves single timings by several
+microseconds). Columns: ours with launch plans and the direct launch
 of the compiled kernel (the default), ours with plans but Triton's own dispatch
 (kernel[grid](...), what ZOO_FAST_LAUNCH=0 gives), a plan miss (the first call of a new signature:
 checks, planning and a launch through Triton, kernels already compiled), and the torch peer.
 
-    PYTHONPATH=. python benchmarks/bench_launch.py [--calls 2000] [--out PATH]
+    PYTHONPATH=. python benchmarks/bench_launch.py [--calls 2000] [--rounds 5] [--out PATH]
 """
 
 from __future__ import annotations
@@ -112,15 +114,19 @@ def cases(device: str, dtype: torch.dtype) -> list[tuple[str, object, object]]:
     ]
 
 
-def us_per_call(fn, calls: int) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+def us_per_call(fn, calls: int, rounds: int = 1) -> float:
+    """Median over `rounds` of the host time per call of `calls` back-to-back calls."""
+    times = []
+    for _ in range(rounds):
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(times)[len(times) // 2]
 
 
 def plan_miss_us(fn, repeats: int = 5) -> float:
@@ -139,6 +145,7 @@ def plan_miss_us(fn, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args()
@@ -150,16 +157,21 @@ def main() -> None:
     rows = []
     header = f"{'launcher':36s} {'ours us':>8s} {'Triton us':>9s} {'miss us':>8s} {'torch us':>8s}"
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.calls} calls per case\n{header}")
-    for label, ours, peer in cases(device, dtype):
-        ours()  # compile and autotune outside the timing
-        direct = us_per_call(ours, args.calls)
+    all_cases = cases(device, dtype)
+    for _, ours, peer in all_cases:  # compile, autotune and warm every path first
+        ours()
+        if peer is not None:
+            peer()
+    torch.cuda.synchronize()
+    for label, ours, peer in all_cases:
+        direct = us_per_call(ours, args.calls, args.rounds)
         miss = plan_miss_us(ours)
         launch.DIRECT = False
         launch.clear_plans()
-        triton_dispatch = us_per_call(ours, args.calls)
+        triton_dispatch = us_per_call(ours, args.calls, args.rounds)
         launch.DIRECT = direct_available
         launch.clear_plans()
-        torch_us = us_per_call(peer, args.calls) if peer is not None else None
+        torch_us = us_per_call(peer, args.calls, args.rounds) if peer is not None else None
         rows.append(
             dict(
                 launcher=label,
@@ -180,6 +192,7 @@ def main() -> None:
         torch.cuda.get_device_name(),
         dtype=args.dtype,
         calls=args.calls,
+        rounds=args.rounds,
         direct_launch_available=direct_available,
         launch=rows,
     )

@@ -359,9 +359,9 @@ _EMPTY = object()  # the plan of an empty output: nothing to launch
 
 
 class _Plan:
-    __slots__ = ("meta", "grid", "launch", "no_lengths")
+    __slots__ = ("meta", "grid", "launch", "no_lengths", "sizes", "buckets")
 
-    def __init__(self, meta, grid, launch, no_lengths) -> None:
+    def __init__(self, meta, grid, launch, no_lengths, sizes, buckets) -> None:
         self.meta = meta  # constexprs and launch options (without the tuned config)
         self.grid = grid  # grid(config meta)
         self.launch = launch  # KernelLaunch once the config is known
@@ -369,6 +369,8 @@ class _Plan:
         # every tensor argument's dtype, so a call without lengths shares the config of a call
         # with them (a graphed call passes kv_end where the eager one had none)
         self.no_lengths = no_lengths
+        self.sizes = sizes  # the strides and sizes the signature fixes, in the kernel's order
+        self.buckets = buckets  # the autotune key's length buckets
 
 
 def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
@@ -395,6 +397,15 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
         **pdl_meta(q.device, B * Tq),
     )
     no_lengths = torch.zeros(1, dtype=torch.int32, device=q.device)
+    _, S, Hkv, _ = k.shape
+    out_strides = out.stride() if out is not None else (Tq * Hq * D, Hq * D, D)  # empty_like
+    bias_strides = bias.expand(B, Hq, Tq, S).stride() if bias is not None else (0, 0, 0, 0)
+    sizes = (
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides[:3], *bias_strides,
+        Tq, S, Hq, Hq // Hkv, D,
+    )  # fmt: skip
+    # B * Hq is the grid's second axis: blocks tuned for one sequence leave SMs idle at 32
+    buckets = (_bucket(Tq), _bucket(S), _bucket(B * Hq))
     if INTERPRET:
         # few, large programs: the interpreter pays per program instance
         block_m = min(max(next_pow2(Tq), 16), 32)
@@ -403,31 +414,21 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
         launch = KernelLaunch(
             _attn_fwd_kernel, grid, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n}
         )
-        return _Plan(meta, None, launch, no_lengths)
-    return _Plan(meta, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq), None, no_lengths)
+        return _Plan(meta, None, launch, no_lengths, sizes, buckets)
+    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)  # noqa: E731
+    return _Plan(meta, grid, None, no_lengths, sizes, buckets)
 
 
 def _launch(plan: _Plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
-    B, Tq, Hq, D = q.shape
-    _, S, Hkv, _ = k.shape
-    if bias is not None:
-        bias = bias.expand(B, Hq, Tq, S)
-    bias_arg = bias if bias is not None else q
-    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     args = (
-        q, k, v, out, bias_arg,
+        q, k, v, out,
+        bias if bias is not None else q,
         kv_start if kv_start is not None else plan.no_lengths,
         kv_end if kv_end is not None else plan.no_lengths,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *bias_strides,
-        Tq, S, Hq, Hq // Hkv, D,
+        *plan.sizes,
         float(scale) * LOG2E.value,
         window or 0,
-        # B * Hq is the grid's second axis: blocks tuned for one sequence leave SMs idle at 32
-        _bucket(Tq), _bucket(S), _bucket(B * Hq),
+        *plan.buckets,
     )  # fmt: skip
     if plan.launch is not None:
         plan.launch(*args)

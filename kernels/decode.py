@@ -330,8 +330,16 @@ def _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window):
             **pdl,
         ),
     )
+    # the strides and sizes the signature fixes, in the split kernel's order
+    bias_strides = bias.expand(B, Hq, 1, S_max).stride() if bias is not None else (0, 0, 0, 0)
+    out_strides = out.stride() if out is not None else (Hq * D, Hq * D, D, 1)  # empty_like
+    sizes = (
+        q.stride(0), q.stride(2), *k.stride()[:3], *v.stride()[:3],
+        bias_strides[0], bias_strides[1], bias_strides[3], out_strides[0], out_strides[2],
+        S_max, Hq, Hkv, Hq // Hkv, D,
+    )  # fmt: skip
     if num_splits == 1:
-        return split, None
+        return split, None, sizes
     combine = KernelLaunch(
         _decode_combine_kernel,
         (B * Hq,),
@@ -343,37 +351,26 @@ def _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window):
             **pdl,
         ),
     )
-    return split, combine
+    return split, combine, sizes
 
 
 def _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
-    split, combine = plan
-    B, _, Hq, D = q.shape
-    _, S_max, Hkv, _ = k.shape
-    num_splits = split.grid[1]
+    split, combine, sizes = plan
     if combine is not None:
+        B, _, Hq, D = q.shape
+        num_splits = split.grid[1]
         m_part = q.new_empty((B * Hq, num_splits), dtype=torch.float32)
         l_part = torch.empty_like(m_part)
         acc_part = q.new_empty((B * Hq, num_splits, D), dtype=torch.float32)
     else:
         m_part = l_part = acc_part = out  # unused by the kernel
-    if bias is not None:
-        bias = bias.expand(B, Hq, 1, S_max)
-    bias_arg = bias if bias is not None else q
-    bias_strides = (
-        (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
-    )
     split(
-        q, k, v, bias_arg,
+        q, k, v,
+        bias if bias is not None else q,
         kv_start if kv_start is not None else kv_end,
         kv_end,
         out, m_part, l_part, acc_part,
-        q.stride(0), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *bias_strides,
-        out.stride(0), out.stride(2),
-        S_max, Hq, Hkv, Hq // Hkv, D,
+        *sizes,
         float(scale) * LOG2E.value,
         window or 0,
     )  # fmt: skip

@@ -1123,7 +1123,8 @@ class _Plan:
     """What matmul decided for one signature (see kernels/launch.py)."""
 
     __slots__ = (
-        "n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune", "fp8_dot"
+        "n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune", "fp8_dot",
+        "row_args",
     )  # fmt: skip
 
     def __init__(
@@ -1139,6 +1140,9 @@ class _Plan:
         self.main = main  # KernelLaunch of the GEMM; None until its config is known
         self.epilogue = epilogue  # KernelLaunch of the split-K epilogue, or None
         self.tune = tune  # (kernel, autotuner, autotune key, grid(meta), meta) while main is None
+        # the integer arguments of a one-kernel plan whose operands are passed as they are (x,
+        # residual and out viewed as rows, bias contiguous): set by _plan_row_args
+        self.row_args = None
 
 
 _plans = PlanCache()
@@ -1301,6 +1305,29 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot)
 
 
+def _plan_row_args(plan: _Plan, x, weight, bias, residual, out) -> _Plan:
+    """Fix the integer arguments of a plan that launches one kernel on operands that are already
+    rows (x, residual and out each a view as [rows, columns], bias contiguous), so each call
+    passes its tensors as they are (their data pointers are those of the row views)."""
+    if plan.tma or plan.split_k > 1 or plan.fp8_dot or (plan.main is None and plan.tune is None):
+        return plan
+    k, n = x.shape[-1], plan.n
+    x2 = _as_rows("x", x, k, view_only=False)
+    res2 = _as_rows("residual", residual, n, view_only=False) if residual is not None else None
+    if x2.data_ptr() != x.data_ptr() or (
+        res2 is not None and res2.data_ptr() != residual.data_ptr()
+    ):
+        return plan  # a copy: the call makes it
+    if bias is not None and not bias.is_contiguous():
+        return plan
+    m = x2.shape[0]
+    out_stride = _as_rows("out", out, n, view_only=True).stride(0) if out is not None else n
+    res_stride = res2.stride(0) if res2 is not None else 0
+    plan.row_args = (m, n, k, _m_bucket(m), x2.stride(0), weight.stride(0), res_stride, out_stride,
+                     0, 0)  # fmt: skip
+    return plan
+
+
 def _splitk_epilogue(m: int, n: int, split_k: int, shared_meta: dict, block_m: int) -> KernelLaunch:
     """The launch of _splitk_epilogue_kernel summing split_k fp32 partials of an [m, n] output."""
     block_n = 128 if INTERPRET else 256
@@ -1457,11 +1484,23 @@ def matmul(
     )
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans.put(
-            key, _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
-        )
+        plan = _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
+        plan = _plans.put(key, _plan_row_args(plan, x, weight, bias, residual, out))
     if out is None:
         out = x.new_empty(plan.out_shape)
+    if plan.row_args is not None and plan.main is not None:
+        # the operands as they are; absent pointers stand in as out (never read)
+        plan.main(
+            x, weight,
+            bias if bias is not None else out,
+            residual if residual is not None else out,
+            out, out,
+            weight_scale if weight_scale is not None else out,
+            out,
+            *plan.row_args,
+            float(alpha),
+        )  # fmt: skip
+        return out
     if plan.main is None and plan.tune is None:  # nothing to compute (M or N is 0)
         return out
     n = plan.n

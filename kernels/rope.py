@@ -174,18 +174,19 @@ def rope_cache_write(
     )  # fmt: skip
     if torch.compiler.is_compiling():
         torch.ops.zoo.rope_cache_write(*args)
-    else:
-        _rope_cache_write(*args)
-    batch, seq, _ = qkv.shape
-    return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]
+        batch, seq, _ = qkv.shape
+        return qkv.view(batch, seq, num_q_heads + 2 * num_kv_heads, head_dim)[:, :, :num_q_heads]
+    query_view = _rope_cache_write(*args)
+    return qkv.as_strided(*query_view)  # one call where view and slice take two
 
 
 _plans = PlanCache()
 
 
 def _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
-          k_norm_weight, num_q_heads, num_kv_heads, head_dim) -> KernelLaunch:  # fmt: skip
-    """Checks the inputs of a new signature and fixes its launch."""
+          k_norm_weight, num_q_heads, num_kv_heads, head_dim) -> tuple:  # fmt: skip
+    """Checks the inputs of a new signature and fixes its launch: (KernelLaunch, the integer
+    arguments its shapes and strides fix, the query view's size and strides)."""
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected [B, T, (Hq + 2 * Hkv) * D], got shape {tuple(qkv.shape)}")
     batch, seq, width = qkv.shape
@@ -238,12 +239,16 @@ def _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weig
         "num_warps": 4,
         **pdl_meta(qkv.device, batch * seq),
     }
-    return KernelLaunch(_rope_cache_kernel, (batch * seq,), meta)
+    positions_strides = positions.stride() if has_rope else (0, 0)
+    fixed = (*qkv.stride()[:2], *positions_strides, *k_cache.stride()[:3], seq, k_cache.shape[2])
+    query_view = ((batch, seq, num_q_heads, head_dim), (*qkv.stride()[:2], head_dim, 1))
+    return KernelLaunch(_rope_cache_kernel, (batch * seq,), meta), fixed, query_view
 
 
 def _rope_cache_write(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
                       k_norm_weight, num_q_heads, num_kv_heads, head_dim, attention_scaling,
-                      norm_eps) -> None:  # fmt: skip
+                      norm_eps) -> tuple:  # fmt: skip
+    """Launch; returns the size and strides of the query view of qkv."""
     key = (
         num_q_heads,
         num_kv_heads,
@@ -257,17 +262,16 @@ def _rope_cache_write(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq,
         tensor_key(q_norm_weight),
         tensor_key(k_norm_weight),
     )
-    launch = _plans.get(key)
-    if launch is None:
-        launch = _plans.put(
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.put(
             key,
             _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
                   k_norm_weight, num_q_heads, num_kv_heads, head_dim),
         )  # fmt: skip
-    batch, seq, _ = qkv.shape
-    if inv_freq is None:
-        positions = cache_lengths.view(batch, 1)  # unused by the kernel
-        inv_freq = qkv
+    launch, fixed, query_view = plan
+    if inv_freq is None:  # pointers the kernel does not read
+        positions = inv_freq = cache_lengths
     has_qk_norm = q_norm_weight is not None
     launch(
         qkv,
@@ -278,18 +282,11 @@ def _rope_cache_write(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq,
         v_cache,
         q_norm_weight if has_qk_norm else qkv,
         k_norm_weight if has_qk_norm else qkv,
-        qkv.stride(0),
-        qkv.stride(1),
-        positions.stride(0),
-        positions.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        seq,
-        k_cache.shape[2],
+        *fixed,  # qkv, positions and cache strides, T, S
         float(attention_scaling),
         float(norm_eps),
     )
+    return query_view
 
 
 # torch.compile sees the launch as a custom op that rotates q and k in qkv and writes the caches;

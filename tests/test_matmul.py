@@ -96,6 +96,23 @@ def test_strided_views():
     )
 
 
+def test_operands_passed_as_they_are_or_copied():
+    """A plan hands x, residual and out to its kernel as they are when each is a view of rows,
+    and the call copies them first when not (a transposed batch, a strided bias): the same
+    result either way, on a signature's first call and on later ones."""
+    w = rand(29, 40)
+    cases = [
+        (rand(2, 3, 40), rand(2, 3, 29), rand(29)),  # views of rows: passed as they are
+        (rand(3, 2, 40).transpose(0, 1), rand(3, 2, 29).transpose(0, 1), rand(58)[::2]),
+    ]
+    for x, res, b in cases:
+        expected = reference(x, w, b, "gelu", res, 0.5)
+        for call in range(2):
+            y = matmul(x, w, b, activation="gelu", residual=res, alpha=0.5)
+            assert y.shape == (2, 3, 29)
+            assert_close(y, expected, TOL[torch.float32], f"call {call}, x strides {x.stride()}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_out_aliases_residual(dtype):
     x, w, b = rand(2, 4, 24, dtype=dtype), rand(130, 24, dtype=dtype), rand(130, dtype=dtype)

@@ -28,6 +28,7 @@ and calls made inside a CUDA graph capture of the caller's own or a torch.compil
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import OrderedDict
@@ -43,8 +44,8 @@ from kernels.utils import next_pow2
 from zoo.generation.inputs import (
     ValueChecks,
     check_input_ids,
+    check_right_padding,
     check_token_type_ids,
-    right_padding_lengths,
 )
 
 DEFAULT_MAX_GRAPHS = 32
@@ -114,6 +115,7 @@ class GraphPool:
         # torch.cuda.graph's capture_error_mode ("thread_local" beside other threads' CUDA
         # calls: torch.distributed's watchdog)
         self.capture_mode = "global"
+        self._side_stream: torch.cuda.Stream | None = None  # see beside()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -131,6 +133,25 @@ class GraphPool:
 
     def static_inputs(self, key: tuple) -> dict[str, Any]:
         return self._entries[key].inputs
+
+    @contextlib.contextmanager
+    def beside(self):
+        """Queue the work of the block on a side stream forked from the current one (on CUDA; on
+        the CPU it simply runs): what is queued after the block does not wait for it, and in a
+        graph it runs alongside. join_beside() makes the current stream wait for it again (a
+        capture must join it before it ends)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side_stream):
+            yield
+
+    def join_beside(self) -> None:
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -250,13 +271,18 @@ def bert_forward(
     (last_hidden_state [B, T, hidden], pooler_output [B, hidden] or None).
 
     The value checks (ids and type ids in range, mask of 0/1, right-padded, no empty row) run
-    inside the graph on the padded buffers and are read back once after the replay, so the call
-    has no host sync before its work; the kernels stay in bounds on any values (the embedding
-    masks ids outside its table, kv_end is clamped to the row), and a failed check raises the
-    eager call's error instead of returning the outputs."""
+    inside the graph on the padded buffers, on a side stream beside the model, and are read back
+    once after the replay, so the call has no host sync before its work; the kernels stay in
+    bounds on any values (the embedding masks ids outside its table, the lengths count a mask
+    row's nonzero entries), and a failed check raises the eager call's error instead of
+    returning the outputs."""
     batch, seq = input_ids.shape
     length = padded_length(batch, seq, model.config.max_position_embeddings)
     device = input_ids.device
+
+    def real(buffer: torch.Tensor) -> torch.Tensor:
+        """The call's part of a [B, length, ...] buffer (the buffer itself when unpadded)."""
+        return buffer if seq == length else buffer[:, :seq]
 
     def allocate():
         return {
@@ -269,9 +295,9 @@ def bert_forward(
         }
 
     def fill(static):
-        static["input_ids"][:, :seq].copy_(input_ids)
+        real(static["input_ids"]).copy_(input_ids)
         if token_type_ids is not None:
-            static["token_type_ids"][:, :seq].copy_(token_type_ids)
+            real(static["token_type_ids"]).copy_(token_type_ids)
             static["types_are_zero"] = False
         elif not static["types_are_zero"]:
             static["token_type_ids"].zero_()
@@ -280,30 +306,38 @@ def bert_forward(
             return
         mask = static["attention_mask"]
         if attention_mask is None:
-            mask[:, :seq].fill_(1)
+            real(mask).fill_(1)
         else:
-            mask[:, :seq].copy_(attention_mask)
+            real(mask).copy_(attention_mask)
         if seq < length:  # an earlier, longer call of this bucket left ones there
             mask[:, seq:].zero_()
         static["mask_is_full_to"] = seq if attention_mask is None else None
 
+    pool = graph_pool(model)
+
     def compute(static):
         ids, types, mask = static["input_ids"], static["token_type_ids"], static["attention_mask"]
         config = model.config
-        checks = ValueChecks()
-        check_input_ids(ids, config.vocab_size, device, checks=checks)
-        kv_end = right_padding_lengths(mask, ids, "Bert batches", checks).clamp_(max=length)
-        check_token_type_ids(types, ids, config.type_vocab_size, checks)
+        # The value checks run beside the model (no kernel of it waits for them): the lengths
+        # stay in [0, length] whatever the mask holds, and a 0/1 mask's are its sums.
+        with pool.beside():
+            checks = ValueChecks()
+            check_input_ids(ids, config.vocab_size, device, checks=checks)
+            check_right_padding(mask, ids, "Bert batches", checks)
+            check_token_type_ids(types, ids, config.type_vocab_size, checks)
+            gathered = checks.gather()
+        kv_end = mask.ne(0).sum(-1, dtype=torch.int32)
         out = model.encode(ids, types, kv_end)
-        return out.last_hidden_state, out.pooler_output, checks.gather()
+        pool.join_beside()
+        return out.last_hidden_state, out.pooler_output, gathered
 
     def extract(outputs):
         hidden, pooled, checks = outputs
-        hidden, pooled = hidden[:, :seq].clone(), None if pooled is None else pooled.clone()
+        hidden, pooled = real(hidden).clone(), None if pooled is None else pooled.clone()
         checks.run()
         return hidden, pooled
 
-    return graph_pool(model).run(("bert", batch, length), allocate, fill, compute, extract)
+    return pool.run(("bert", batch, length), allocate, fill, compute, extract)
 
 
 def decoder_forward(

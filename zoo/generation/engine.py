@@ -164,7 +164,14 @@ def memory_budget(device: torch.device) -> int:
     holds unused; on the CPU the physical memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        # the nested statistics as torch's allocator returns them: memory_reserved() and
+        # memory_allocated() each flatten all of them in Python (a third of a millisecond, on
+        # the way to every first token)
+        stats = torch.cuda.memory_stats_as_nested_dict(device)
+        if not stats:  # no allocation on this device yet
+            return free
+        reserved = stats["reserved_bytes"]["all"]["current"]
+        return free + reserved - stats["allocated_bytes"]["all"]["current"]
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

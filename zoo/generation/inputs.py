@@ -221,16 +221,21 @@ def right_padding_lengths(
     "Bert batches", "T5 encoder batches")."""
     if attention_mask is None:
         return None
+    mask = _checked(lambda c: check_right_padding(attention_mask, input_ids, batches, c), checks)
+    return mask.sum(-1).to(torch.int32)
 
-    def check(c: ValueChecks) -> torch.Tensor:
-        mask = check_attention_mask(attention_mask, input_ids, c)
-        c.add(
-            lambda: [(mask[:, 1:] > mask[:, :-1]).any(), (mask[:, 0] == 0).any()],
-            _padding_test("right", batches),
-        )
-        return mask
 
-    return _checked(check, checks).sum(-1).to(torch.int32)
+def check_right_padding(
+    attention_mask: torch.Tensor, input_ids: torch.Tensor, batches: str, checks: ValueChecks
+) -> torch.Tensor:
+    """Add the checks of a right-padded batch's mask to `checks` (0/1 values, each row ones then
+    zeros, at least one token); returns the mask as int64."""
+    mask = check_attention_mask(attention_mask, input_ids, checks)
+    checks.add(
+        lambda: [(mask[:, 1:] > mask[:, :-1]).any(), (mask[:, 0] == 0).any()],
+        _padding_test("right", batches),
+    )
+    return mask
 
 
 def check_token_type_ids(
