@@ -122,6 +122,7 @@ def _attn_fwd_kernel(
     bias_ptr,
     kv_start_ptr,
     kv_end_ptr,
+    seq_offsets_ptr,
     q_stride_b,
     q_stride_t,
     q_stride_h,
@@ -153,6 +154,7 @@ def _attn_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     HAS_KV_END: tl.constexpr,
+    HAS_SEQ_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -180,14 +182,22 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Tq
     mask_d = offs_d < D
+    # packed sequences: row b's tokens start at token seq_offsets[b] of q, k, v and out, and
+    # its queries are its kv_end[b] tokens; a block past them has no key to visit
+    first_token = 0
+    if HAS_SEQ_OFFSETS:
+        first_token = tl.load(seq_offsets_ptr + b).to(tl.int64)
+        mask_m = offs_m < kv_hi
+        kv_hi = tl.where(m_start < kv_hi, kv_hi, kv_lo)
 
     q = tl.load(
-        q_ptr + b * q_stride_b + h * q_stride_h + offs_m[:, None] * q_stride_t + offs_d[None, :],
+        q_ptr + b * q_stride_b + h * q_stride_h + (first_token + offs_m[:, None]) * q_stride_t
+        + offs_d[None, :],
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
-    )
-    k_base = k_ptr + b * k_stride_b + h_kv * k_stride_h
-    v_base = v_ptr + b * v_stride_b + h_kv * v_stride_h
+    )  # fmt: skip
+    k_base = k_ptr + b * k_stride_b + h_kv * k_stride_h + first_token * k_stride_s
+    v_base = v_ptr + b * v_stride_b + h_kv * v_stride_h + first_token * v_stride_s
     bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h
 
     # key blocks to visit: [start, end); of those, [full_lo, full_hi) are visible to every row
@@ -241,7 +251,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(
-        out_ptr + b * out_stride_b + h * out_stride_h + offs_m[:, None] * out_stride_t
+        out_ptr + b * out_stride_b + h * out_stride_h + (first_token + offs_m[:, None]) * out_stride_t
         + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_d[None, :],
@@ -297,7 +307,16 @@ if INTERPRET:
 else:
     _attn_fwd = triton.autotune(
         configs=_gpu_configs(),
-        key=["TQ_BUCKET", "S_BUCKET", "BH_BUCKET", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_BIAS"],
+        key=[
+            "TQ_BUCKET",
+            "S_BUCKET",
+            "BH_BUCKET",
+            "BLOCK_D",
+            "CAUSAL",
+            "HAS_WINDOW",
+            "HAS_BIAS",
+            "HAS_SEQ_OFFSETS",
+        ],  # fmt: skip
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attn_fwd_kernel)
 
@@ -318,6 +337,8 @@ def attention(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     window: int | None = None,
+    seq_offsets: torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias, masked) v, per batch row and head.
 
@@ -328,10 +349,21 @@ def attention(
     of that many keys, the query's own included: key j is visible to query i only if
     j > i + kv_end[b] - Tq - window (HF's sliding_window). Returns [B, Tq, Hq, D] in q's dtype (or
     fills `out`); queries that see no key get 0.
+
+    Packed sequences (seq_offsets int32 [B], with max_length): q, k, v are [1, N, H, D], the
+    tokens of B rows one after another; row b's are the kv_end[b] <= max_length tokens from
+    token seq_offsets[b], and each sees its own row's (not causal; no kv_start, bias or window).
+    Returns [1, N, Hq, D] (or fills `out`); tokens of no row are not written.
     """
     if torch.compiler.is_compiling():
-        result = torch.ops.zoo.attention(q, k, v, causal, scale, kv_start, kv_end, bias, window)
+        result = torch.ops.zoo.attention(
+            q, k, v, causal, scale, kv_start, kv_end, bias, window, seq_offsets, max_length
+        )
         return result if out is None else out.copy_(result)
+    packed_out = None
+    if seq_offsets is not None:
+        q, k, v, out, packed_out = _row_views(q, k, v, causal, kv_start, kv_end, bias, out,
+                                              window, seq_offsets, max_length)  # fmt: skip
     key = (
         bool(causal),
         window,
@@ -342,15 +374,58 @@ def attention(
         tensor_key(kv_end),
         tensor_key(bias),
         tensor_key(out),
+        tensor_key(seq_offsets),
     )
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans.put(key, _plan(q, k, v, causal, kv_start, kv_end, bias, out, window))
+        plan = _plans.put(
+            key, _plan(q, k, v, causal, kv_start, kv_end, bias, out, window, seq_offsets)
+        )
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if plan is not _EMPTY:
-        _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window)
-    return out
+        _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window, seq_offsets)
+    return out if packed_out is None else packed_out
+
+
+def _row_views(q, k, v, causal, kv_start, kv_end, bias, out, window, seq_offsets, max_length):
+    """Packed [1, N, H, D] operands as [B, max_length, H, D] views of batch stride 0 (the kernel
+    adds each row's first token), and the packed output with its view."""
+    if causal or kv_start is not None or bias is not None or window is not None:
+        raise ValueError("seq_offsets: packed rows take neither causal, kv_start, bias nor window")
+    if kv_end is None:
+        raise ValueError("seq_offsets: packed rows need their lengths (kv_end)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"{name}: packed rows expected [1, {q.shape[1]}, H, D], got {tuple(t.shape)}"
+            )
+    batch, tokens = seq_offsets.shape[0], q.shape[1]
+    if (
+        seq_offsets.dim() != 1
+        or seq_offsets.dtype != torch.int32
+        or not seq_offsets.is_contiguous()
+    ):
+        raise ValueError("seq_offsets: expected a contiguous int32 tensor of shape [B]")
+    if seq_offsets.device != q.device:
+        raise ValueError(f"seq_offsets: on {seq_offsets.device}, q on {q.device}")
+    if (
+        isinstance(max_length, bool)
+        or not isinstance(max_length, int)
+        or not 1 <= max_length <= tokens
+    ):
+        raise ValueError(
+            f"max_length: expected an int in [1, {tokens}] (the packed tokens), got {max_length!r}"
+        )
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape:
+        raise ValueError(f"out: expected {tuple(q.shape)}, got {tuple(out.shape)}")
+
+    def rows(t):
+        return t.as_strided((batch, max_length, *t.shape[2:]), (0, *t.stride()[1:]))
+
+    return rows(q), rows(k), rows(v), rows(out), out
 
 
 # Launch plans (see kernels/launch.py): the checks, blocks and config of one input signature.
@@ -373,7 +448,7 @@ class _Plan:
         self.buckets = buckets  # the autotune key's length buckets
 
 
-def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
+def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window, seq_offsets):
     """Checks the inputs of a new signature and fixes its launch."""
     check_attention_inputs(q, k, v, kv_start, kv_end, bias)
     check_window(window, causal)
@@ -392,6 +467,7 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
         HAS_BIAS=bias is not None,
         HAS_KV_START=kv_start is not None,
         HAS_KV_END=kv_end is not None,
+        HAS_SEQ_OFFSETS=seq_offsets is not None,
         BLOCK_D=max(next_pow2(D), 16),
         DOT_PRECISION=dot_precision(q.dtype),
         **pdl_meta(q.device, B * Tq),
@@ -419,12 +495,13 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window):
     return _Plan(meta, grid, None, no_lengths, sizes, buckets)
 
 
-def _launch(plan: _Plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
+def _launch(plan: _Plan, q, k, v, scale, kv_start, kv_end, bias, out, window, seq_offsets) -> None:
     args = (
         q, k, v, out,
         bias if bias is not None else q,
         kv_start if kv_start is not None else plan.no_lengths,
         kv_end if kv_end is not None else plan.no_lengths,
+        seq_offsets if seq_offsets is not None else plan.no_lengths,
         *plan.sizes,
         float(scale) * LOG2E.value,
         window or 0,
@@ -453,6 +530,8 @@ def _attention_op(
     kv_end: torch.Tensor | None,
     bias: torch.Tensor | None,
     window: int | None,
+    seq_offsets: torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     return attention(
         q,
@@ -464,9 +543,11 @@ def _attention_op(
         kv_end=kv_end,
         bias=bias,
         window=window,
+        seq_offsets=seq_offsets,
+        max_length=max_length,
     )
 
 
 @_attention_op.register_fake
-def _(q, k, v, causal, scale, kv_start, kv_end, bias, window):
+def _(q, k, v, causal, scale, kv_start, kv_end, bias, window, seq_offsets=None, max_length=None):
     return q.new_empty(q.shape)

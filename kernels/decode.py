@@ -44,9 +44,8 @@ def _decode_split_kernel(
     kv_start_ptr,
     kv_end_ptr,
     out_ptr,
-    m_part_ptr,
-    l_part_ptr,
-    acc_part_ptr,
+    part_ptr,
+    part_rows,
     q_stride_b,
     q_stride_h,
     k_stride_b,
@@ -148,22 +147,22 @@ def _decode_split_kernel(
             mask=mask_g[:, None] & mask_d[None, :],
         )
     else:
-        # partials laid out [B * Hq, NUM_SPLITS] and [B * Hq, NUM_SPLITS, D]
+        # partials of row (b * Hq + h) * NUM_SPLITS + split in one buffer: acc [rows, D], then
+        # the running max [rows], then the sum [rows]
         row = (b * Hq + heads) * NUM_SPLITS + split
-        tl.store(m_part_ptr + row, m_i, mask=mask_g)
-        tl.store(l_part_ptr + row, l_i, mask=mask_g)
         tl.store(
-            acc_part_ptr + row[:, None] * D + offs_d[None, :],
+            part_ptr + row[:, None] * D + offs_d[None, :],
             acc,
             mask=mask_g[:, None] & mask_d[None, :],
         )
+        tl.store(part_ptr + part_rows * D + row, m_i, mask=mask_g)
+        tl.store(part_ptr + part_rows * (D + 1) + row, l_i, mask=mask_g)
 
 
 @triton.jit
 def _decode_combine_kernel(
-    m_part_ptr,
-    l_part_ptr,
-    acc_part_ptr,
+    part_ptr,
+    part_rows,
     out_ptr,
     out_stride_b,
     out_stride_h,
@@ -183,10 +182,10 @@ def _decode_combine_kernel(
     mask_s = offs_s < NUM_SPLITS
     mask_d = offs_d < D
     rows = pid * NUM_SPLITS + offs_s
-    m_split = tl.load(m_part_ptr + rows, mask=mask_s, other=float("-inf"))
-    l_split = tl.load(l_part_ptr + rows, mask=mask_s, other=0.0)
+    m_split = tl.load(part_ptr + part_rows * D + rows, mask=mask_s, other=float("-inf"))
+    l_split = tl.load(part_ptr + part_rows * (D + 1) + rows, mask=mask_s, other=0.0)
     acc = tl.load(
-        acc_part_ptr + rows[:, None] * D + offs_d[None, :],
+        part_ptr + rows[:, None] * D + offs_d[None, :],
         mask=mask_s[:, None] & mask_d[None, :],
         other=0.0,
     )
@@ -338,8 +337,9 @@ def _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window):
         bias_strides[0], bias_strides[1], bias_strides[3], out_strides[0], out_strides[2],
         S_max, Hq, Hkv, Hq // Hkv, D,
     )  # fmt: skip
+    part_rows = B * Hq * num_splits  # the splits' partial rows (see _launch)
     if num_splits == 1:
-        return split, None, sizes
+        return split, None, sizes, part_rows, None
     combine = KernelLaunch(
         _decode_combine_kernel,
         (B * Hq,),
@@ -351,31 +351,27 @@ def _plan(q, k, v, kv_start, kv_end, bias, num_splits, out, window):
             **pdl,
         ),
     )
-    return split, combine, sizes
+    return split, combine, sizes, part_rows, (out_strides[0], out_strides[2], Hq, D)
 
 
 def _launch(plan, q, k, v, scale, kv_start, kv_end, bias, out, window) -> None:
-    split, combine, sizes = plan
-    if combine is not None:
-        B, _, Hq, D = q.shape
-        num_splits = split.grid[1]
-        m_part = q.new_empty((B * Hq, num_splits), dtype=torch.float32)
-        l_part = torch.empty_like(m_part)
-        acc_part = q.new_empty((B * Hq, num_splits, D), dtype=torch.float32)
-    else:
-        m_part = l_part = acc_part = out  # unused by the kernel
+    split, combine, sizes, part_rows, combine_sizes = plan
+    # the splits' partials, one allocation: acc [rows, D], max [rows], sum [rows] in fp32
+    parts = (
+        out if combine is None else q.new_empty(part_rows * (q.shape[3] + 2), dtype=torch.float32)
+    )
     split(
         q, k, v,
         bias if bias is not None else q,
         kv_start if kv_start is not None else kv_end,
         kv_end,
-        out, m_part, l_part, acc_part,
+        out, parts, part_rows,
         *sizes,
         float(scale) * LOG2E.value,
         window or 0,
     )  # fmt: skip
     if combine is not None:
-        combine(m_part, l_part, acc_part, out, out.stride(0), out.stride(2), Hq, D)
+        combine(parts, part_rows, out, *combine_sizes)
 
 
 # torch.compile sees the launcher as a custom op (Triton's launch is not traceable).

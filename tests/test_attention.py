@@ -200,3 +200,54 @@ def test_bad_window(window, causal, match):
     q, k, v = _qkv(1, 4, 4, 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=match):
         attention(q, k, v, causal=causal, scale=0.25, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_rows(dtype):
+    """Rows packed one after another (seq_offsets): each row attends over its own tokens only,
+    as the same rows padded and masked do; tokens between and after the rows are left alone.
+    Blocks past a short row's end visit no key (the row of one token among rows of 40)."""
+    lengths = [40, 1, 17, 33]
+    offsets = [0, 41, 43, 60]  # one spare token after rows 0 and 1, and 7 after the last
+    tokens, Hq, Hkv, D = 100, 4, 2, 24
+    q = torch.randn(1, tokens, 3 * Hq, D, device=DEVICE, dtype=dtype)[:, :, :Hq]  # a strided view
+    k, v = (torch.randn(1, tokens, Hkv, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    out = torch.full((1, tokens, Hq, D), 7.0, device=DEVICE, dtype=dtype)
+    result = attention(
+        q, k, v, causal=False, scale=0.3, kv_end=_lengths(lengths),
+        seq_offsets=_lengths(offsets), max_length=max(lengths), out=out,
+    )  # fmt: skip
+    assert result is out
+    written = torch.zeros(tokens, dtype=torch.bool)
+    for start, length in zip(offsets, lengths, strict=True):
+        rows = slice(start, start + length)
+        expected = reference(q[:, rows], k[:, rows], v[:, rows], causal=False, scale=0.3)
+        assert_close(out[:, rows], expected, RTOL[dtype], f"row at {start}, {length} tokens")
+        written[rows] = True
+    assert (out[0, ~written] == 7.0).all()  # the spare tokens were not written
+    fresh = attention(
+        q, k, v, causal=False, scale=0.3, kv_end=_lengths(lengths),
+        seq_offsets=_lengths(offsets), max_length=max(lengths),
+    )  # fmt: skip
+    assert fresh.shape == (1, tokens, Hq, D)
+    assert torch.equal(fresh[0, written], out[0, written])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(causal=True), "neither causal"),
+        (dict(kv_end=None), "need their lengths"),
+        (dict(max_length=30), r"max_length: expected an int in \[1, 20\]"),
+        (dict(seq_offsets=torch.zeros(2, dtype=torch.int64)), "contiguous int32"),
+    ],
+)
+def test_packed_rows_bad_arguments(kwargs, match):
+    q, k, v = _qkv(1, 20, 20, 2, 2, 16, torch.float32)
+    args = dict(
+        causal=False, scale=0.25, kv_end=_lengths([12, 8]),
+        seq_offsets=_lengths([0, 12]), max_length=12,
+    )  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **args)

@@ -116,6 +116,50 @@ def test_padded_batch_matches_hf(checkpoint):
         assert ours.pooler_output is None and expected.pooler_output is None
 
 
+# 16 rows of 64 tokens, a third of them real: the batch runs packed
+PACKED_LENGTHS = [64, 1, 5, 17, 30, 2, 9, 40, 3, 11, 64, 8, 20, 6, 33, 12]
+
+
+def test_packed_batch_matches_hf(checkpoint):
+    """A batch of mostly short rows runs packed (its real tokens one after another): the real
+    positions and the pooler match HF, the padded positions are 0."""
+    case, hf_model, model = checkpoint
+    assert zoo.layers.pack_rows(PACKED_LENGTHS, 64, 64, row_length=64) is not None
+    ids, mask, types = padded_batch(PACKED_LENGTHS, seq=64)
+    with torch.no_grad():
+        expected = encoder(hf_model)(ids, attention_mask=mask, token_type_ids=types)
+    ours = model(ids, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    assert_close(
+        ours.last_hidden_state[real],
+        expected.last_hidden_state[real],
+        FP32_RTOL,
+        f"{case}: last hidden state at the real positions, packed",
+    )
+    assert not ours.last_hidden_state[~real].any()
+    if CASES[case][3]:
+        assert_close(ours.pooler_output, expected.pooler_output, FP32_RTOL, f"{case}: pooler")
+
+
+def test_packing_decision():
+    """Packing pays from PACK_MIN_TOKENS tokens, two rows and enough padding; the packed tokens
+    are the real ones rounded up, gathered row after row, and sent back where they came from."""
+    pack_rows = zoo.layers.pack_rows
+    assert pack_rows([10, 3], 256, 256, row_length=256) is None  # 512 tokens: too few
+    assert pack_rows([1024], 1024, 1024, row_length=1024) is None  # one row
+    assert pack_rows([60] * 16, 64, 64, row_length=64) is None  # 960 real of 1024: little padding
+    packed = pack_rows([3, 0, 2, 1] + [1] * 12, 64, 64, row_length=80)
+    assert packed.tokens == 128 and packed.max_length == 128  # the spare row fits it
+    source, target, position = packed.index
+    assert source[:6].tolist() == [0, 1, 2, 160, 161, 240] == target[:6].tolist()
+    assert position[:6].tolist() == [0, 1, 2, 0, 1, 0]
+    real = 3 + 2 + 13
+    assert (source[real:] == 0).all() and (target[real:] == 16 * 80).all()
+    first, lengths, pooled = packed.rows.tolist()
+    assert first[:5] == [0, 3, 3, 5, 6] and lengths[:4] == [3, 0, 2, 1] and pooled == first
+    assert first[16] == real and lengths[16] == 128 - real  # the spare tokens: a row of their own
+
+
 def test_defaults_match_hf(checkpoint):
     """No attention mask, no token types: every token real, all of type 0."""
     case, hf_model, model = checkpoint

@@ -250,6 +250,22 @@ def _opcheck_cases():
                 3,  # window
             ),
         ),  # fmt: skip
+        "attention, packed rows": (
+            torch.ops.zoo.attention,
+            (
+                randn(1, 9, 2, 8),
+                randn(1, 9, 1, 8),
+                randn(1, 9, 1, 8),
+                False,
+                0.3,
+                None,
+                torch.tensor([5, 3, 1], **int32),  # lengths
+                None,
+                None,
+                torch.tensor([0, 5, 8], **int32),  # seq_offsets
+                5,  # max_length
+            ),
+        ),  # fmt: skip
         "decode_attention": (
             torch.ops.zoo.decode_attention,
             (

@@ -187,6 +187,23 @@ def test_bert_padded_call_equals_unpadded(saved, lengths, seq):
     assert not static["attention_mask"][:, seq:].any()
 
 
+def test_bert_packed_call_equals_eager(saved):
+    """A batch of mostly short rows runs packed in its graph too, bitwise the eager call, with a
+    graph per packed size; a second call of other lengths of that size reuses it."""
+    model = load(saved, "bert", padded_eagerly=True)
+    lengths = [60, 1, 5, 17, 30, 2, 9, 40, 3, 11, 57, 8, 20, 6, 33, 12]  # 16 x 64: 314 real
+    for _ in range(2):
+        ids, mask = right_padded(97, lengths, 64)
+        types = torch.randint(0, 3, ids.shape, device=DEVICE)
+        expected = model(ids, attention_mask=mask, token_type_ids=types, cuda_graph=False)
+        hidden, pooled = graphs.bert_forward(model, ids, mask, types)
+        assert torch.equal(hidden, expected.last_hidden_state)
+        assert torch.equal(pooled, expected.pooler_output)
+        assert not hidden[mask == 0].any()
+        lengths = lengths[::-1]
+    assert graphs.graph_pool(model).keys() == [("bert", 16, 64, 384)]
+
+
 def test_bert_padded_call_without_mask(saved):
     model = load(saved, "bert", padded_eagerly=True)
     ids = torch.randint(0, 97, (2, 11), device=DEVICE)

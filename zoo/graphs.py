@@ -47,6 +47,7 @@ from zoo.generation.inputs import (
     check_right_padding,
     check_token_type_ids,
 )
+from zoo.layers import PACK_MIN_TOKENS, PackedRows, pack_rows
 
 DEFAULT_MAX_GRAPHS = 32
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -275,10 +276,17 @@ def bert_forward(
     once after the replay, so the call has no host sync before its work; the kernels stay in
     bounds on any values (the embedding masks ids outside its table, the lengths count a mask
     row's nonzero entries), and a failed check raises the eager call's error instead of
-    returning the outputs."""
+    returning the outputs.
+
+    A batch of mostly short rows runs packed (zoo.layers.pack_rows, a graph per packed size):
+    reading its lengths is the one sync before the replay."""
     batch, seq = input_ids.shape
     length = padded_length(batch, seq, model.config.max_position_embeddings)
     device = input_ids.device
+    packed = None
+    if attention_mask is not None and batch > 1 and batch * seq >= PACK_MIN_TOKENS:
+        lengths = attention_mask.ne(0).sum(-1).tolist()  # each in [0, seq] whatever the values
+        packed = pack_rows(lengths, seq, length, row_length=length)
 
     def real(buffer: torch.Tensor) -> torch.Tensor:
         """The call's part of a [B, length, ...] buffer (the buffer itself when unpadded)."""
@@ -292,9 +300,17 @@ def bert_forward(
             # what the buffers hold when a call left them as defaults (no writes needed again)
             "types_are_zero": True,
             "mask_is_full_to": None,
+            **(
+                {"index": packed.index.to(device), "rows": packed.rows.to(device)}
+                if packed is not None
+                else {}
+            ),
         }
 
     def fill(static):
+        if packed is not None:
+            static["index"].copy_(packed.index)
+            static["rows"].copy_(packed.rows)
         real(static["input_ids"]).copy_(input_ids)
         if token_type_ids is not None:
             real(static["token_type_ids"]).copy_(token_type_ids)
@@ -326,8 +342,12 @@ def bert_forward(
             check_right_padding(mask, ids, "Bert batches", checks)
             check_token_type_ids(types, ids, config.type_vocab_size, checks)
             gathered = checks.gather()
-        kv_end = mask.ne(0).sum(-1, dtype=torch.int32)
-        out = model.encode(ids, types, kv_end)
+        if packed is None:
+            kv_end = mask.ne(0).sum(-1, dtype=torch.int32)
+            out = model.encode(ids, types, kv_end)
+        else:
+            rows = PackedRows(packed.tokens, packed.max_length, static["index"], static["rows"])
+            out = model.encode_packed(ids, types, rows)
         pool.join_beside()
         return out.last_hidden_state, out.pooler_output, gathered
 
@@ -337,7 +357,8 @@ def bert_forward(
         checks.run()
         return hidden, pooled
 
-    return pool.run(("bert", batch, length), allocate, fill, compute, extract)
+    key = ("bert", batch, length) if packed is None else ("bert", batch, length, packed.tokens)
+    return pool.run(key, allocate, fill, compute, extract)
 
 
 def decoder_forward(

@@ -131,6 +131,60 @@ class AttentionInputs:
         )
 
 
+# Packing a right-padded encoder batch: its padding rows leave the matmuls, norms and attention.
+PACK_MIN_TOKENS = 1024  # smaller batches run padded (packing reads the lengths: one host sync)
+PACK_TOKEN_MULTIPLE = 128  # packed tokens are rounded up to this (fewer shapes, graph buckets)
+PACK_MAX_FILL = 0.9  # pack only when the packed tokens are at most this share of the batch
+
+
+@dataclass
+class PackedRows:
+    """The rows of a right-padded batch [B, T] packed one after another: row b's lengths[b]
+    real tokens from token first[b], then spare tokens up to `tokens`. The spare tokens form a
+    row of their own (row B: they attend among themselves, so every packed token holds finite
+    values) whose outputs are thrown away."""
+
+    tokens: int  # packed tokens: the real ones rounded up to PACK_TOKEN_MULTIPLE
+    max_length: int  # the attention's row length bound (>= every row's length, <= tokens)
+    # int64 [3, tokens]: where each packed token comes from in the flattened batch [B * row
+    # length] (spare: 0), where it goes back to (spare: B * row length, a row past the
+    # batch), and its position in its row (spare: 0)
+    index: torch.Tensor
+    # int32 [3, B + 1]: each row's first packed token, its length, and the packed token its
+    # pooler reads (the first, kept inside the packed tokens for an empty row); the spare row
+    # last
+    rows: torch.Tensor
+
+
+def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> PackedRows | None:
+    """The packing of a [B, seq] batch with these row lengths (each in [0, seq]), held in rows of
+    row_length tokens, whose graphs pad it to `padded` (zoo.graphs.padded_length): index and rows
+    on the CPU. None where packing does not pay: fewer than PACK_MIN_TOKENS tokens, one row, or
+    padding too little. Eager and graphed calls of one batch get the same tokens and max_length,
+    so their kernels run the same configs."""
+    batch = len(lengths)
+    if batch < 2 or batch * seq < PACK_MIN_TOKENS:
+        return None
+    real = sum(lengths)
+    tokens = max(-(-real // PACK_TOKEN_MULTIPLE) * PACK_TOKEN_MULTIPLE, PACK_TOKEN_MULTIPLE)
+    if tokens > PACK_MAX_FILL * batch * seq:
+        return None
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    first = torch.cumsum(lengths_t, 0) - lengths_t
+    row = torch.repeat_interleave(torch.arange(batch), lengths_t)
+    position = torch.arange(real) - first[row]
+    source = row * row_length + position
+    index = torch.zeros(3, tokens, dtype=torch.int64)
+    index[1].fill_(batch * row_length)
+    index[0, :real], index[1, :real], index[2, :real] = source, source, position
+    first = torch.cat([first, torch.tensor([real])])
+    lengths_t = torch.cat([lengths_t, torch.tensor([tokens - real])])
+    rows = torch.stack([first, lengths_t, first.clamp(max=tokens - 1)]).to(torch.int32)
+    # the spare row (fewer than PACK_TOKEN_MULTIPLE tokens) fits the row length bound too
+    max_length = min(max(padded, PACK_TOKEN_MULTIPLE), tokens)
+    return PackedRows(tokens, max_length, index, rows)
+
+
 class SelfAttention(nn.Module):
     """Fused QKV projection -> (q/k norm + rotary + cache write) -> attention -> output projection
     with the residual add fused into its epilogue.

@@ -7,7 +7,9 @@
 
 A batch is right-padded: `attention_mask` rows are ones then zeros, and each row's keys stop at its
 length (the attention kernel's kv_end), so padding never changes the real positions' outputs.
-Padded positions are computed too (they attend to the real keys), as HF's BertModel does.
+A batch of mostly short rows runs packed (zoo.layers.pack_rows): its rows' real tokens one after
+another, so the matmuls, norms and attention skip the padding; its padded positions' outputs are
+then 0. Otherwise they are computed too (they attend to the real keys), as HF's BertModel does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from zoo.generation.inputs import (
     check_cuda_graph,
     check_token_type_ids,
 )
-from zoo.layers import LayerNorm, Linear, init_random_
+from zoo.layers import (
+    PACK_MIN_TOKENS,
+    LayerNorm,
+    Linear,
+    PackedRows,
+    init_random_,
+    pack_rows,
+)
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
 ACTIVATIONS = {
@@ -139,11 +148,21 @@ class BertBlock(nn.Module):
         self.output = Linear(config.intermediate_size, hidden, bias=True)
         self.output_norm = LayerNorm(hidden, eps)
 
-    def forward(self, h: torch.Tensor, kv_end: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, kv_end: torch.Tensor | None, packed: PackedRows | None = None
+    ) -> torch.Tensor:
+        """h [B, T, hidden] with rows of kv_end real tokens, or packed rows [1, tokens, hidden]."""
         batch, seq, hidden = h.shape
         qkv = self.qkv(h).view(batch, seq, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(2)  # (B, T, H, D) views of the fused output
-        o = attention(q, k, v, causal=False, scale=self.scale, kv_end=kv_end)  # (B, T, H, D)
+        if packed is None:
+            o = attention(q, k, v, causal=False, scale=self.scale, kv_end=kv_end)  # (B, T, H, D)
+        else:
+            first, lengths, _ = packed.rows
+            o = attention(
+                q, k, v, causal=False, scale=self.scale, kv_end=lengths, seq_offsets=first,
+                max_length=packed.max_length,
+            )  # fmt: skip
         # post-LayerNorm: the residual add is fused into the projection's epilogue
         h = self.attn_norm(self.attn_out(o.view(batch, seq, hidden), residual=h))
         x = self.intermediate(h, activation=self.activation)  # (B, T, I)
@@ -193,9 +212,10 @@ class Bert(nn.Module):
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding; each row is ones then zeros with
         at least one 1 (None: every token is real). token_type_ids [B, T] in
-        [0, type_vocab_size) (None: all 0). Outputs at padded positions are computed but
-        meaningless; the real positions do not depend on them. On CUDA the call replays a CUDA
-        graph of its shape bucket (bitwise the eager result) unless cuda_graph=False.
+        [0, type_vocab_size) (None: all 0). Outputs at padded positions are meaningless (0
+        where the batch runs packed, zoo.layers.pack_rows); the real positions do not depend on
+        them. On CUDA the call replays a CUDA graph of its shape bucket (bitwise the eager
+        result) unless cuda_graph=False.
         """
         c = self.config
         check_cuda_graph(cuda_graph, self.device)
@@ -219,6 +239,20 @@ class Bert(nn.Module):
         token_type_ids = check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
         kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches", checks)
         checks.run()
+        packed = None
+        # (a torch.compile trace runs padded: packing reads the lengths back to the host)
+        if (
+            kv_end is not None
+            and batch > 1
+            and batch * seq >= PACK_MIN_TOKENS
+            and not torch.compiler.is_compiling()
+        ):
+            padded = graphs.padded_length(batch, seq, c.max_position_embeddings)
+            packed = pack_rows(kv_end.tolist(), seq, padded, row_length=seq)
+        if packed is not None:
+            device = input_ids.device
+            packed.index, packed.rows = packed.index.to(device), packed.rows.to(device)
+            return self.encode_packed(input_ids, token_type_ids, packed)
         return self.encode(input_ids, token_type_ids, kv_end)
 
     def encode(
@@ -235,3 +269,23 @@ class Bert(nn.Module):
         if self.pooler is not None:
             pooled = self.pooler(h[:, 0], activation="tanh")  # (B, hidden), from [CLS]
         return BertOutput(last_hidden_state=h, pooler_output=pooled)
+
+    def encode_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, packed: PackedRows
+    ) -> BertOutput:
+        """encode with the rows packed (zoo.layers.pack_rows, index and rows on the device): the
+        same outputs at the real positions, 0 at the padded ones."""
+        batch, seq = input_ids.shape
+        source, target, positions = packed.index  # (tokens,) each
+        ids = input_ids.reshape(-1)[source].view(1, -1)
+        types = token_type_ids.reshape(-1)[source].view(1, -1)
+        h = self.embeddings(ids, types, positions.view(1, -1))  # (1, tokens, hidden)
+        for layer in self.layers:
+            h = layer(h, None, packed)
+        pooled = None
+        if self.pooler is not None:
+            first_tokens = h[0].index_select(0, packed.rows[2, :batch])  # (B, hidden), [CLS]
+            pooled = self.pooler(first_tokens, activation="tanh")
+        # back to [B, T]: the spare tokens all land on one row past the batch, dropped here
+        hidden = h.new_zeros(batch * seq + 1, h.shape[-1]).index_copy_(0, target, h[0])
+        return BertOutput(last_hidden_state=hidden[:-1].view(batch, seq, -1), pooler_output=pooled)
