@@ -150,11 +150,14 @@ def test_packing_decision():
     assert pack_rows([60] * 16, 64, 64, row_length=64) is None  # 960 real of 1024: little padding
     packed = pack_rows([3, 0, 2, 1] + [1] * 12, 64, 64, row_length=80)
     assert packed.tokens == 128 and packed.max_length == 128  # the spare row fits it
-    source, target, position = packed.index
-    assert source[:6].tolist() == [0, 1, 2, 160, 161, 240] == target[:6].tolist()
+    source, position, inverse = packed.token_index()
+    assert source[:6].tolist() == [0, 1, 2, 160, 161, 240]
     assert position[:6].tolist() == [0, 1, 2, 0, 1, 0]
     real = 3 + 2 + 13
-    assert (source[real:] == 0).all() and (target[real:] == 16 * 80).all()
+    assert (source[real:] == 0).all() and (position[real:] == 0).all()
+    assert inverse.shape == (16 * 80,) and inverse[source[:real]].tolist() == list(range(real))
+    assert (inverse.bincount(minlength=128)[real:-1] == 0).all()  # padded: the last token only
+    assert pack_rows([64] * 2 + [1] * 14, 64, 64, row_length=64).tokens == 256  # 142 real + 1
     first, lengths, pooled = packed.rows.tolist()
     assert first[:5] == [0, 3, 3, 5, 6] and lengths[:4] == [3, 0, 2, 1] and pooled == first
     assert first[16] == real and lengths[16] == 128 - real  # the spare tokens: a row of their own

@@ -140,20 +140,26 @@ PACK_MAX_FILL = 0.9  # pack only when the packed tokens are at most this share o
 @dataclass
 class PackedRows:
     """The rows of a right-padded batch [B, T] packed one after another: row b's lengths[b]
-    real tokens from token first[b], then spare tokens up to `tokens`. The spare tokens form a
-    row of their own (row B: they attend among themselves, so every packed token holds finite
-    values) whose outputs are thrown away."""
+    real tokens from token first[b], then at least one spare token, up to `tokens`. The spare
+    tokens form a row of their own (row B: they attend among themselves, so every packed token
+    holds finite values); the last one's output is set to 0 and read back at every padded
+    position."""
 
-    tokens: int  # packed tokens: the real ones rounded up to PACK_TOKEN_MULTIPLE
+    tokens: int  # packed tokens: the real ones plus one, rounded up to PACK_TOKEN_MULTIPLE
     max_length: int  # the attention's row length bound (>= every row's length, <= tokens)
-    # int64 [3, tokens]: where each packed token comes from in the flattened batch [B * row
-    # length] (spare: 0), where it goes back to (spare: B * row length, a row past the
-    # batch), and its position in its row (spare: 0)
+    # int64 [2 * tokens + B * row length]: where each packed token comes from in the flattened
+    # batch (spare: 0), its position in its row (spare: 0), then for each position of the
+    # flattened batch the packed token it reads back (padded: the last, zeroed, token)
     index: torch.Tensor
     # int32 [3, B + 1]: each row's first packed token, its length, and the packed token its
     # pooler reads (the first, kept inside the packed tokens for an empty row); the spare row
     # last
     rows: torch.Tensor
+
+    def token_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(source [tokens], position [tokens], inverse [B * row length]) views of index."""
+        t = self.tokens
+        return self.index[:t], self.index[t : 2 * t], self.index[2 * t :]
 
 
 def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> PackedRows | None:
@@ -166,7 +172,7 @@ def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> Pac
     if batch < 2 or batch * seq < PACK_MIN_TOKENS:
         return None
     real = sum(lengths)
-    tokens = max(-(-real // PACK_TOKEN_MULTIPLE) * PACK_TOKEN_MULTIPLE, PACK_TOKEN_MULTIPLE)
+    tokens = -(-(real + 1) // PACK_TOKEN_MULTIPLE) * PACK_TOKEN_MULTIPLE
     if tokens > PACK_MAX_FILL * batch * seq:
         return None
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
@@ -174,13 +180,15 @@ def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> Pac
     row = torch.repeat_interleave(torch.arange(batch), lengths_t)
     position = torch.arange(real) - first[row]
     source = row * row_length + position
-    index = torch.zeros(3, tokens, dtype=torch.int64)
-    index[1].fill_(batch * row_length)
-    index[0, :real], index[1, :real], index[2, :real] = source, source, position
+    index = torch.zeros(2 * tokens + batch * row_length, dtype=torch.int64)
+    index[:real], index[tokens : tokens + real] = source, position
+    inverse = index[2 * tokens :]
+    inverse.fill_(tokens - 1)
+    inverse[source] = torch.arange(real)
     first = torch.cat([first, torch.tensor([real])])
     lengths_t = torch.cat([lengths_t, torch.tensor([tokens - real])])
     rows = torch.stack([first, lengths_t, first.clamp(max=tokens - 1)]).to(torch.int32)
-    # the spare row (fewer than PACK_TOKEN_MULTIPLE tokens) fits the row length bound too
+    # the spare row (at most PACK_TOKEN_MULTIPLE tokens) fits the row length bound too
     max_length = min(max(padded, PACK_TOKEN_MULTIPLE), tokens)
     return PackedRows(tokens, max_length, index, rows)
 

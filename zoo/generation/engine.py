@@ -165,8 +165,7 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # the nested statistics as torch's allocator returns them: memory_reserved() and
-        # memory_allocated() each flatten all of them in Python (a third of a millisecond, on
-        # the way to every first token)
+        # memory_allocated() each flatten all of them in Python, on the way to every first token
         stats = torch.cuda.memory_stats_as_nested_dict(device)
         if not stats:  # no allocation on this device yet
             return free

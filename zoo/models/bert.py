@@ -276,7 +276,7 @@ class Bert(nn.Module):
         """encode with the rows packed (zoo.layers.pack_rows, index and rows on the device): the
         same outputs at the real positions, 0 at the padded ones."""
         batch, seq = input_ids.shape
-        source, target, positions = packed.index  # (tokens,) each
+        source, positions, inverse = packed.token_index()
         ids = input_ids.reshape(-1)[source].view(1, -1)
         types = token_type_ids.reshape(-1)[source].view(1, -1)
         h = self.embeddings(ids, types, positions.view(1, -1))  # (1, tokens, hidden)
@@ -286,6 +286,8 @@ class Bert(nn.Module):
         if self.pooler is not None:
             first_tokens = h[0].index_select(0, packed.rows[2, :batch])  # (B, hidden), [CLS]
             pooled = self.pooler(first_tokens, activation="tanh")
-        # back to [B, T]: the spare tokens all land on one row past the batch, dropped here
-        hidden = h.new_zeros(batch * seq + 1, h.shape[-1]).index_copy_(0, target, h[0])
-        return BertOutput(last_hidden_state=hidden[:-1].view(batch, seq, -1), pooler_output=pooled)
+        # back to [B, T]: each position reads its packed token, the padded ones the last spare
+        # token, set to 0 (a gather: deterministic, where a scatter of the spares would not be)
+        h[0, -1].zero_()
+        hidden = h[0].index_select(0, inverse).view(batch, seq, -1)
+        return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
