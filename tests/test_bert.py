@@ -97,35 +97,18 @@ def test_checkpoint_layout(saved):
         assert any("pooler" in k for k in keys) == pooler, case
 
 
-def test_padded_batch_matches_hf(checkpoint):
-    case, hf_model, model = checkpoint
-    ids, mask, types = padded_batch([11, 6, 1], seq=11)
-    with torch.no_grad():
-        expected = encoder(hf_model)(ids, attention_mask=mask, token_type_ids=types)
-    ours = model(ids, attention_mask=mask, token_type_ids=types)
-    real = mask.bool()
-    assert_close(
-        ours.last_hidden_state[real],
-        expected.last_hidden_state[real],
-        FP32_RTOL,
-        f"{case}: last hidden state at the real positions",
-    )
-    if CASES[case][3]:
-        assert_close(ours.pooler_output, expected.pooler_output, FP32_RTOL, f"{case}: pooler")
-    else:
-        assert ours.pooler_output is None and expected.pooler_output is None
-
-
 # 16 rows of 64 tokens, a third of them real: the batch runs packed
 PACKED_LENGTHS = [64, 1, 5, 17, 30, 2, 9, 40, 3, 11, 64, 8, 20, 6, 33, 12]
 
 
-def test_packed_batch_matches_hf(checkpoint):
-    """A batch of mostly short rows runs packed (its real tokens one after another): the real
-    positions and the pooler match HF, the padded positions are 0."""
+@pytest.mark.parametrize("lengths, seq", [([11, 6, 1], 11), (PACKED_LENGTHS, 64)])
+def test_padded_batch_matches_hf(checkpoint, lengths, seq):
+    """The real positions and the pooler match HF, in a small batch run padded and in a batch
+    of mostly short rows run packed (its real tokens one after another, its padded outputs 0)."""
     case, hf_model, model = checkpoint
-    assert zoo.layers.pack_rows(PACKED_LENGTHS, 64, 64, row_length=64) is not None
-    ids, mask, types = padded_batch(PACKED_LENGTHS, seq=64)
+    packed = zoo.layers.pack_rows(lengths, seq, seq, row_length=seq) is not None
+    assert packed == (seq == 64)
+    ids, mask, types = padded_batch(lengths, seq=seq)
     with torch.no_grad():
         expected = encoder(hf_model)(ids, attention_mask=mask, token_type_ids=types)
     ours = model(ids, attention_mask=mask, token_type_ids=types)
@@ -134,11 +117,14 @@ def test_packed_batch_matches_hf(checkpoint):
         ours.last_hidden_state[real],
         expected.last_hidden_state[real],
         FP32_RTOL,
-        f"{case}: last hidden state at the real positions, packed",
+        f"{case}: last hidden state at the real positions (packed: {packed})",
     )
-    assert not ours.last_hidden_state[~real].any()
+    if packed:
+        assert not ours.last_hidden_state[~real].any()
     if CASES[case][3]:
         assert_close(ours.pooler_output, expected.pooler_output, FP32_RTOL, f"{case}: pooler")
+    else:
+        assert ours.pooler_output is None and expected.pooler_output is None
 
 
 def test_packing_decision():

@@ -47,7 +47,7 @@ from zoo.generation.inputs import (
     check_right_padding,
     check_token_type_ids,
 )
-from zoo.layers import PACK_MIN_TOKENS, PackedRows, pack_rows
+from zoo.layers import may_pack, pack_rows
 
 DEFAULT_MAX_GRAPHS = 32
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -284,7 +284,7 @@ def bert_forward(
     length = padded_length(batch, seq, model.config.max_position_embeddings)
     device = input_ids.device
     packed = None
-    if attention_mask is not None and batch > 1 and batch * seq >= PACK_MIN_TOKENS:
+    if attention_mask is not None and may_pack(batch, seq):
         lengths = attention_mask.ne(0).sum(-1).tolist()  # each in [0, seq] whatever the values
         packed = pack_rows(lengths, seq, length, row_length=length)
 
@@ -300,17 +300,13 @@ def bert_forward(
             # what the buffers hold when a call left them as defaults (no writes needed again)
             "types_are_zero": True,
             "mask_is_full_to": None,
-            **(
-                {"index": packed.index.to(device), "rows": packed.rows.to(device)}
-                if packed is not None
-                else {}
-            ),
+            "packed": None if packed is None else packed.to(device),
         }
 
     def fill(static):
         if packed is not None:
-            static["index"].copy_(packed.index)
-            static["rows"].copy_(packed.rows)
+            static["packed"].index.copy_(packed.index)
+            static["packed"].rows.copy_(packed.rows)
         real(static["input_ids"]).copy_(input_ids)
         if token_type_ids is not None:
             real(static["token_type_ids"]).copy_(token_type_ids)
@@ -346,8 +342,7 @@ def bert_forward(
             kv_end = mask.ne(0).sum(-1, dtype=torch.int32)
             out = model.encode(ids, types, kv_end)
         else:
-            rows = PackedRows(packed.tokens, packed.max_length, static["index"], static["rows"])
-            out = model.encode_packed(ids, types, rows)
+            out = model.encode_packed(ids, types, static["packed"])
         pool.join_beside()
         return out.last_hidden_state, out.pooler_output, gathered
 

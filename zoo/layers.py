@@ -161,6 +161,15 @@ class PackedRows:
         t = self.tokens
         return self.index[:t], self.index[t : 2 * t], self.index[2 * t :]
 
+    def to(self, device) -> PackedRows:
+        return PackedRows(self.tokens, self.max_length, self.index.to(device), self.rows.to(device))
+
+
+def may_pack(batch: int, seq: int) -> bool:
+    """Whether a [batch, seq] batch is large enough to run packed at all: callers ask before
+    reading its lengths back (a host sync), pack_rows decides from them."""
+    return batch > 1 and batch * seq >= PACK_MIN_TOKENS
+
 
 def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> PackedRows | None:
     """The packing of a [B, seq] batch with these row lengths (each in [0, seq]), held in rows of
@@ -169,7 +178,7 @@ def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> Pac
     padding too little. Eager and graphed calls of one batch get the same tokens and max_length,
     so their kernels run the same configs."""
     batch = len(lengths)
-    if batch < 2 or batch * seq < PACK_MIN_TOKENS:
+    if not may_pack(batch, seq):
         return None
     real = sum(lengths)
     tokens = -(-(real + 1) // PACK_TOKEN_MULTIPLE) * PACK_TOKEN_MULTIPLE

@@ -30,14 +30,7 @@ from zoo.generation.inputs import (
     check_cuda_graph,
     check_token_type_ids,
 )
-from zoo.layers import (
-    PACK_MIN_TOKENS,
-    LayerNorm,
-    Linear,
-    PackedRows,
-    init_random_,
-    pack_rows,
-)
+from zoo.layers import LayerNorm, Linear, PackedRows, init_random_, may_pack, pack_rows
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
 ACTIVATIONS = {
@@ -241,18 +234,11 @@ class Bert(nn.Module):
         checks.run()
         packed = None
         # (a torch.compile trace runs padded: packing reads the lengths back to the host)
-        if (
-            kv_end is not None
-            and batch > 1
-            and batch * seq >= PACK_MIN_TOKENS
-            and not torch.compiler.is_compiling()
-        ):
+        if kv_end is not None and may_pack(batch, seq) and not torch.compiler.is_compiling():
             padded = graphs.padded_length(batch, seq, c.max_position_embeddings)
             packed = pack_rows(kv_end.tolist(), seq, padded, row_length=seq)
         if packed is not None:
-            device = input_ids.device
-            packed.index, packed.rows = packed.index.to(device), packed.rows.to(device)
-            return self.encode_packed(input_ids, token_type_ids, packed)
+            return self.encode_packed(input_ids, token_type_ids, packed.to(input_ids.device))
         return self.encode(input_ids, token_type_ids, kv_end)
 
     def encode(
