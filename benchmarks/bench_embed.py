@@ -40,8 +40,7 @@ from common import (  # noqa: E402
 )
 
 import zoo  # noqa: E402
-from zoo.graphs import padded_length  # noqa: E402
-from zoo.layers import pack_rows  # noqa: E402
+from zoo.layers import packed_tokens  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -135,18 +134,16 @@ def bench_peers(args, batches: list[Batch], save) -> dict:
     return result
 
 
-def token_counts(model, batches: list[Batch]) -> dict:
+def token_counts(batches: list[Batch]) -> dict:
     """The workload's real and padded tokens, and what our calls run: how many batches go packed
-    (zoo.layers.pack_rows, the plain call's own decision) and their tokens then."""
+    (zoo.layers.packed_tokens, the plain call's own decision) and their tokens then."""
     real = padded = run = packed_batches = 0
     for ids, mask, _ in batches:
         batch, seq = ids.shape
-        lengths = mask.sum(-1).tolist()
-        length = padded_length(batch, seq, model.config.max_position_embeddings)
-        packed = pack_rows(lengths, seq, length, row_length=length)
-        real, padded = real + sum(lengths), padded + batch * seq
-        run += batch * seq if packed is None else packed.tokens
-        packed_batches += packed is not None
+        tokens = packed_tokens(batch, seq, int(mask.sum()))
+        real, padded = real + int(mask.sum()), padded + batch * seq
+        run += batch * seq if tokens is None else tokens
+        packed_batches += tokens is not None
     return dict(real=real, padded=padded, ours_run=run, packed_batches=packed_batches)
 
 
@@ -175,7 +172,7 @@ def main() -> None:
         seed=args.seed,
     )
     widths = sorted({ids.shape[1] for ids, _, _ in batches})
-    tokens = token_counts(model, batches)
+    tokens = token_counts(batches)
     print(
         f"{device}: {args.model}, {args.texts} texts of {args.low}..{args.high} tokens, "
         f"{len(batches)} batches of {args.batch}, {len(widths)} padded widths "

@@ -62,8 +62,9 @@ _plans = PlanCache()
 _MISSING = object()
 
 
-def _plan(ids, weight, positions, position_weight) -> KernelLaunch | None:
-    """Checks the inputs of a new signature and fixes its launch (None: no rows)."""
+def _plan(ids, weight, positions, position_weight) -> tuple[KernelLaunch, tuple] | None:
+    """Checks the inputs of a new signature and fixes its launch and integer arguments (table
+    sizes and strides, width): None where there are no rows."""
     check_last_dim_contiguous("weight", weight)
     if (positions is None) != (position_weight is None):
         raise ValueError("positions and position_weight must be given together")
@@ -84,7 +85,10 @@ def _plan(ids, weight, positions, position_weight) -> KernelLaunch | None:
         "num_warps": 4,
         **pdl_meta(weight.device, rows),
     }
-    return KernelLaunch(_embedding_kernel, (rows,), meta)
+    n = weight.shape[1]
+    table = position_weight if position_weight is not None else weight
+    fixed = (weight.shape[0], table.shape[0], weight.stride(0), table.stride(0), n, n)
+    return KernelLaunch(_embedding_kernel, (rows,), meta), fixed
 
 
 def embedding(
@@ -99,31 +103,21 @@ def embedding(
     if torch.compiler.is_compiling():
         return torch.ops.zoo.embedding(ids, weight, scale, positions, position_weight)
     key = (tensor_key(ids), tensor_key(weight), tensor_key(positions), tensor_key(position_weight))
-    launch = _plans.get(key, _MISSING)
-    if launch is _MISSING:
-        launch = _plans.put(key, _plan(ids, weight, positions, position_weight))
-    ids_flat = ids.reshape(-1)
+    plan = _plans.get(key, _MISSING)
+    if plan is _MISSING:
+        plan = _plans.put(key, _plan(ids, weight, positions, position_weight))
     n = weight.shape[1]
-    out = weight.new_empty((ids_flat.shape[0], n))
-    if launch is None:
-        return out.view(*ids.shape, n)
-    positions_flat = positions.reshape(-1) if positions is not None else ids_flat
-    table = position_weight if position_weight is not None else weight
-    launch(
-        ids_flat,
-        weight,
-        positions_flat,
-        table,
-        out,
-        weight.shape[0],
-        table.shape[0],
-        weight.stride(0),
-        table.stride(0),
-        out.stride(0),
-        n,
-        float(scale),
-    )
-    return out.view(*ids.shape, n)
+    out = weight.new_empty((*ids.shape, n))
+    if plan is None:
+        return out
+    launch, fixed = plan
+    ids_flat = ids.view(-1) if ids.is_contiguous() else ids.reshape(-1)
+    if positions is None:
+        launch(ids_flat, weight, ids_flat, weight, out, *fixed, float(scale))
+    else:
+        positions_flat = positions.view(-1) if positions.is_contiguous() else positions.reshape(-1)
+        launch(ids_flat, weight, positions_flat, position_weight, out, *fixed, float(scale))
+    return out
 
 
 # torch.compile sees the launcher as a custom op (Triton's launch is not traceable).

@@ -106,7 +106,7 @@ def test_padded_batch_matches_hf(checkpoint, lengths, seq):
     """The real positions and the pooler match HF, in a small batch run padded and in a batch
     of mostly short rows run packed (its real tokens one after another, its padded outputs 0)."""
     case, hf_model, model = checkpoint
-    packed = zoo.layers.pack_rows(lengths, seq, seq, row_length=seq) is not None
+    packed = zoo.layers.packed_tokens(len(lengths), seq, sum(lengths)) is not None
     assert packed == (seq == 64)
     ids, mask, types = padded_batch(lengths, seq=seq)
     with torch.no_grad():
@@ -130,11 +130,14 @@ def test_padded_batch_matches_hf(checkpoint, lengths, seq):
 def test_packing_decision():
     """Packing pays from PACK_MIN_TOKENS tokens, two rows and enough padding; the packed tokens
     are the real ones rounded up, gathered row after row, and sent back where they came from."""
-    pack_rows = zoo.layers.pack_rows
-    assert pack_rows([10, 3], 256, 256, row_length=256) is None  # 512 tokens: too few
-    assert pack_rows([1024], 1024, 1024, row_length=1024) is None  # one row
-    assert pack_rows([60] * 16, 64, 64, row_length=64) is None  # 960 real of 1024: little padding
-    packed = pack_rows([3, 0, 2, 1] + [1] * 12, 64, 64, row_length=80)
+    packed_tokens = zoo.layers.packed_tokens
+    assert packed_tokens(2, 256, 13) is None  # 512 tokens: too few
+    assert packed_tokens(1, 1024, 1) is None  # one row
+    assert packed_tokens(16, 64, 960) is None  # 960 real of 1024: little padding
+    assert packed_tokens(16, 64, 142) == 256  # 142 real + 1 spare, rounded up
+    lengths = [3, 0, 2, 1] + [1] * 12
+    tokens = packed_tokens(16, 64, sum(lengths))
+    packed = zoo.layers.pack_rows(torch.tensor(lengths), tokens, 64, row_length=80)
     assert packed.tokens == 128 and packed.max_length == 128  # the spare row fits it
     source, position, inverse = packed.token_index()
     assert source[:6].tolist() == [0, 1, 2, 160, 161, 240]
@@ -143,10 +146,29 @@ def test_packing_decision():
     assert (source[real:] == 0).all() and (position[real:] == 0).all()
     assert inverse.shape == (16 * 80,) and inverse[source[:real]].tolist() == list(range(real))
     assert (inverse.bincount(minlength=128)[real:-1] == 0).all()  # padded: the last token only
-    assert pack_rows([64] * 2 + [1] * 14, 64, 64, row_length=64).tokens == 256  # 142 real + 1
     first, lengths, pooled = packed.rows.tolist()
     assert first[:5] == [0, 3, 3, 5, 6] and lengths[:4] == [3, 0, 2, 1] and pooled == first
     assert first[16] == real and lengths[16] == 128 - real  # the spare tokens: a row of their own
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packing_of_random_rows(seed):
+    """Every real token of random rows (empty ones, full ones) is packed once, in order, with its
+    position, and read back at its place; every padded place reads the last spare token."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, seq, row_length = 24, 48, 64
+    lengths = torch.randint(0, seq + 1, (batch,), generator=generator)
+    lengths[:3] = torch.tensor([0, seq, 1])
+    real = int(lengths.sum())
+    tokens = zoo.layers.packed_tokens(batch, seq, real) or -(-(real + 1) // 128) * 128
+    source, position, inverse = zoo.layers.pack_rows(lengths, tokens, seq, row_length).token_index()
+    place = torch.arange(row_length).expand(batch, -1)
+    is_real = (place < lengths[:, None]).reshape(-1)
+    expected = (torch.arange(batch)[:, None] * row_length + place).reshape(-1)[is_real]
+    assert source[:real].tolist() == expected.tolist()
+    assert position[:real].tolist() == place.reshape(-1)[is_real].tolist()
+    assert inverse[is_real].tolist() == list(range(real))
+    assert (inverse[~is_real] == tokens - 1).all()
 
 
 def test_defaults_match_hf(checkpoint):

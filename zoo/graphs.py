@@ -47,7 +47,7 @@ from zoo.generation.inputs import (
     check_right_padding,
     check_token_type_ids,
 )
-from zoo.layers import may_pack, pack_rows
+from zoo.layers import may_pack, pack_rows, packed_tokens
 
 DEFAULT_MAX_GRAPHS = 32
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -278,15 +278,16 @@ def bert_forward(
     row's nonzero entries), and a failed check raises the eager call's error instead of
     returning the outputs.
 
-    A batch of mostly short rows runs packed (zoo.layers.pack_rows, a graph per packed size):
-    reading its lengths is the one sync before the replay."""
+    A batch of mostly short rows runs packed (zoo.layers.pack_rows, a graph per packed size,
+    the packing computed in it): reading its real token count is the one sync before the
+    replay."""
     batch, seq = input_ids.shape
     length = padded_length(batch, seq, model.config.max_position_embeddings)
     device = input_ids.device
-    packed = None
+    tokens = None
     if attention_mask is not None and may_pack(batch, seq):
-        lengths = attention_mask.ne(0).sum(-1).tolist()  # each in [0, seq] whatever the values
-        packed = pack_rows(lengths, seq, length, row_length=length)
+        # the one value read back before the replay (the packing itself is computed in it)
+        tokens = packed_tokens(batch, seq, int(attention_mask.ne(0).sum()))
 
     def real(buffer: torch.Tensor) -> torch.Tensor:
         """The call's part of a [B, length, ...] buffer (the buffer itself when unpadded)."""
@@ -300,13 +301,9 @@ def bert_forward(
             # what the buffers hold when a call left them as defaults (no writes needed again)
             "types_are_zero": True,
             "mask_is_full_to": None,
-            "packed": None if packed is None else packed.to(device),
         }
 
     def fill(static):
-        if packed is not None:
-            static["packed"].index.copy_(packed.index)
-            static["packed"].rows.copy_(packed.rows)
         real(static["input_ids"]).copy_(input_ids)
         if token_type_ids is not None:
             real(static["token_type_ids"]).copy_(token_type_ids)
@@ -338,11 +335,12 @@ def bert_forward(
             check_right_padding(mask, ids, "Bert batches", checks)
             check_token_type_ids(types, ids, config.type_vocab_size, checks)
             gathered = checks.gather()
-        if packed is None:
-            kv_end = mask.ne(0).sum(-1, dtype=torch.int32)
+        kv_end = mask.ne(0).sum(-1, dtype=torch.int32)
+        if tokens is None:
             out = model.encode(ids, types, kv_end)
         else:
-            out = model.encode_packed(ids, types, static["packed"])
+            packed = pack_rows(kv_end, tokens, length, row_length=length)
+            out = model.encode_packed(ids, types, packed)
         pool.join_beside()
         return out.last_hidden_state, out.pooler_output, gathered
 
@@ -352,7 +350,7 @@ def bert_forward(
         checks.run()
         return hidden, pooled
 
-    key = ("bert", batch, length) if packed is None else ("bert", batch, length, packed.tokens)
+    key = ("bert", batch, length) if tokens is None else ("bert", batch, length, tokens)
     return pool.run(key, allocate, fill, compute, extract)
 
 

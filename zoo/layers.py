@@ -161,42 +161,46 @@ class PackedRows:
         t = self.tokens
         return self.index[:t], self.index[t : 2 * t], self.index[2 * t :]
 
-    def to(self, device) -> PackedRows:
-        return PackedRows(self.tokens, self.max_length, self.index.to(device), self.rows.to(device))
-
 
 def may_pack(batch: int, seq: int) -> bool:
     """Whether a [batch, seq] batch is large enough to run packed at all: callers ask before
-    reading its lengths back (a host sync), pack_rows decides from them."""
+    reading its real token count back (a host sync), packed_tokens decides from it."""
     return batch > 1 and batch * seq >= PACK_MIN_TOKENS
 
 
-def pack_rows(lengths: list[int], seq: int, padded: int, row_length: int) -> PackedRows | None:
-    """The packing of a [B, seq] batch with these row lengths (each in [0, seq]), held in rows of
-    row_length tokens, whose graphs pad it to `padded` (zoo.graphs.padded_length): index and rows
-    on the CPU. None where packing does not pay: fewer than PACK_MIN_TOKENS tokens, one row, or
-    padding too little. Eager and graphed calls of one batch get the same tokens and max_length,
-    so their kernels run the same configs."""
-    batch = len(lengths)
+def packed_tokens(batch: int, seq: int, real: int) -> int | None:
+    """The tokens a [batch, seq] batch holding `real` real tokens runs packed: the real ones plus
+    one spare, rounded up to PACK_TOKEN_MULTIPLE. None where packing does not pay: fewer than
+    PACK_MIN_TOKENS tokens, one row, or padding too little."""
     if not may_pack(batch, seq):
         return None
-    real = sum(lengths)
     tokens = -(-(real + 1) // PACK_TOKEN_MULTIPLE) * PACK_TOKEN_MULTIPLE
-    if tokens > PACK_MAX_FILL * batch * seq:
-        return None
-    lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    first = torch.cumsum(lengths_t, 0) - lengths_t
-    row = torch.repeat_interleave(torch.arange(batch), lengths_t)
-    position = torch.arange(real) - first[row]
-    source = row * row_length + position
-    index = torch.zeros(2 * tokens + batch * row_length, dtype=torch.int64)
-    index[:real], index[tokens : tokens + real] = source, position
-    inverse = index[2 * tokens :]
-    inverse.fill_(tokens - 1)
-    inverse[source] = torch.arange(real)
-    first = torch.cat([first, torch.tensor([real])])
-    lengths_t = torch.cat([lengths_t, torch.tensor([tokens - real])])
-    rows = torch.stack([first, lengths_t, first.clamp(max=tokens - 1)]).to(torch.int32)
+    return None if tokens > PACK_MAX_FILL * batch * seq else tokens
+
+
+def pack_rows(lengths: torch.Tensor, tokens: int, padded: int, row_length: int) -> PackedRows:
+    """The packing of a batch with these row lengths [B] (each in [0, seq], summing to fewer than
+    `tokens`, packed_tokens), held in rows of row_length >= seq tokens, whose graphs pad it to
+    `padded` (zoo.graphs.padded_length). Computed where lengths lie, in ops of fixed shapes (a
+    CUDA graph captures it and replays it for new lengths). Eager and graphed calls of one batch
+    get the same tokens and max_length, so their kernels run the same configs."""
+    batch = lengths.numel()
+    lengths = lengths.to(torch.int64)
+    ends = torch.cumsum(lengths, 0)
+    first = ends - lengths
+    real = ends[-1:]
+    token = torch.arange(tokens, device=lengths.device)
+    is_real = token < real
+    # each packed token's row: the first whose end lies past it (B for the spare tokens)
+    row = torch.searchsorted(ends, token, right=True).clamp_(max=batch - 1)
+    position = torch.where(is_real, token - first[row], 0)
+    source = torch.where(is_real, row * row_length + position, 0)
+    column = torch.arange(row_length, device=lengths.device)
+    inverse = torch.where(column < lengths[:, None], first[:, None] + column, tokens - 1)
+    index = torch.cat([source, position, inverse.view(-1)])
+    first = torch.cat([first, real])
+    lengths = torch.cat([lengths, tokens - real])
+    rows = torch.stack([first, lengths, first.clamp(max=tokens - 1)]).to(torch.int32)
     # the spare row (at most PACK_TOKEN_MULTIPLE tokens) fits the row length bound too
     max_length = min(max(padded, PACK_TOKEN_MULTIPLE), tokens)
     return PackedRows(tokens, max_length, index, rows)

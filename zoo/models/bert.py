@@ -30,7 +30,15 @@ from zoo.generation.inputs import (
     check_cuda_graph,
     check_token_type_ids,
 )
-from zoo.layers import LayerNorm, Linear, PackedRows, init_random_, may_pack, pack_rows
+from zoo.layers import (
+    LayerNorm,
+    Linear,
+    PackedRows,
+    init_random_,
+    may_pack,
+    pack_rows,
+    packed_tokens,
+)
 
 # HF `hidden_act` -> our matmul epilogue (HF ACT2FN: "gelu" is the exact erf GELU)
 ACTIVATIONS = {
@@ -232,13 +240,14 @@ class Bert(nn.Module):
         token_type_ids = check_token_type_ids(token_type_ids, input_ids, c.type_vocab_size, checks)
         kv_end = right_padding_lengths(attention_mask, input_ids, "Bert batches", checks)
         checks.run()
-        packed = None
-        # (a torch.compile trace runs padded: packing reads the lengths back to the host)
+        tokens = None
+        # (a torch.compile trace runs padded: packing reads the real token count to the host)
         if kv_end is not None and may_pack(batch, seq) and not torch.compiler.is_compiling():
+            tokens = packed_tokens(batch, seq, int(kv_end.sum()))
+        if tokens is not None:
             padded = graphs.padded_length(batch, seq, c.max_position_embeddings)
-            packed = pack_rows(kv_end.tolist(), seq, padded, row_length=seq)
-        if packed is not None:
-            return self.encode_packed(input_ids, token_type_ids, packed.to(input_ids.device))
+            packed = pack_rows(kv_end, tokens, padded, row_length=seq)
+            return self.encode_packed(input_ids, token_type_ids, packed)
         return self.encode(input_ids, token_type_ids, kv_end)
 
     def encode(
