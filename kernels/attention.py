@@ -113,7 +113,12 @@ def _attn_block_loop(
     return acc, m_i, l_i
 
 
-@triton.jit
+# The bias strides are not specialized: Triton would mark a row stride divisible by 16 (a
+# padded, bucket-sized call) and vectorize the bias load, and the layout of that load decides
+# the layout of the row max and row sum after `s += bias`, so their summation order, and the
+# last bits of the output, would differ from the unpadded call's (odd lengths). One compiled
+# variant keeps a CUDA graph's padded call bitwise equal to the eager one.
+@triton.jit(do_not_specialize=["bias_stride_b", "bias_stride_h", "bias_stride_m"])
 def _attn_fwd_kernel(
     q_ptr,
     k_ptr,

@@ -483,15 +483,19 @@ def test_greedy_generation_same_with_graphs_on_and_off(saved, family, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_t5_replay_equals_eager(saved, dtype):
+    """Bitwise, over several inputs per bucket: a kernel that computes a real position in another
+    order when the call is padded (the attention's bias path, once) changes the last bits of a
+    few percent of bf16 calls only."""
     model = load(saved, "t5", dtype)
     cases = [([5], 1), ([5], 3), ([7, 2, 4], 6), ([20, 11], 9), ([33], 17), ([70, 40, 66, 20], 9)]
     for enc_lengths, dec_seq in cases:
-        ids, mask = right_padded(101, enc_lengths)
-        dec = torch.randint(0, 101, (len(enc_lengths), dec_seq), device=DEVICE)
-        expected = model(ids, decoder_input_ids=dec, attention_mask=mask, cuda_graph=False)
-        for _ in range(2):
-            logits = model(ids, decoder_input_ids=dec, attention_mask=mask)
-            assert torch.equal(logits, expected), f"t5 {enc_lengths} {dec_seq}"
+        for attempt in range(8):
+            ids, mask = right_padded(101, enc_lengths)
+            dec = torch.randint(0, 101, (len(enc_lengths), dec_seq), device=DEVICE)
+            expected = model(ids, decoder_input_ids=dec, attention_mask=mask, cuda_graph=False)
+            for _ in range(2):
+                logits = model(ids, decoder_input_ids=dec, attention_mask=mask)
+                assert torch.equal(logits, expected), f"t5 {enc_lengths} {dec_seq} input {attempt}"
 
 
 def test_bert_graphed_call_checks_values_inside_the_bucket(saved):
