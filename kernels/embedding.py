@@ -111,12 +111,10 @@ def embedding(
     if plan is None:
         return out
     launch, fixed = plan
-    ids_flat = ids.view(-1) if ids.is_contiguous() else ids.reshape(-1)
-    if positions is None:
-        launch(ids_flat, weight, ids_flat, weight, out, *fixed, float(scale))
-    else:
-        positions_flat = positions.view(-1) if positions.is_contiguous() else positions.reshape(-1)
-        launch(ids_flat, weight, positions_flat, position_weight, out, *fixed, float(scale))
+    ids_flat = ids.reshape(-1)
+    positions_flat = positions.reshape(-1) if positions is not None else ids_flat
+    table = position_weight if position_weight is not None else weight
+    launch(ids_flat, weight, positions_flat, table, out, *fixed, float(scale))
     return out
 
 

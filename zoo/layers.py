@@ -132,7 +132,7 @@ class AttentionInputs:
 
 
 # Packing a right-padded encoder batch: its padding rows leave the matmuls, norms and attention.
-PACK_MIN_TOKENS = 1024  # smaller batches run padded (packing reads the lengths: one host sync)
+PACK_MIN_TOKENS = 1024  # smaller batches run padded (packing reads the real token count back)
 PACK_TOKEN_MULTIPLE = 128  # packed tokens are rounded up to this (fewer shapes, graph buckets)
 PACK_MAX_FILL = 0.9  # pack only when the packed tokens are at most this share of the batch
 
