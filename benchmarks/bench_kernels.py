@@ -10,6 +10,7 @@ line: the floor of each case (its bytes over the measured copy bandwidth or its 
 measured bf16 matmul rate, the larger) and ours' and the peer's % of it.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--paths] [--configs] [--fp8-decode [M ...]]
+        [--tma-split]
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ DECODE_MATMULS = [
     ("llama3-8b 1x1 gate-up", 28672, 4096, "silu_mul", False),
     ("llama3-8b 1x1 down", 4096, 14336, None, True),
 ]
+# --tma-split: projections whose 128 x 128 tiles fill the SMs' last round only in part (label, M,
+# N, K; bias and residual), tuned with and without the persistent kernel's K-split configs
+TMA_SPLIT_MATMULS = [
+    ("bert 1x512 down", 512, 768, 3072),
+    ("bert 8x128 down / gpt2 1x1024 c_proj", 1024, 768, 3072),
+    ("bert 32x128 down", 4096, 768, 3072),
+]
 # (label, batch, seq, heads, head dim, causal)
 ATTENTIONS = [
     ("bert 8x128", 8, 128, 12, 64, False),
@@ -74,7 +82,10 @@ def tuned_timings(tuner) -> str:
     blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")  # those a kernel's configs have
     return "; ".join(
         "x".join(str(c.kwargs[b]) for b in blocks if b in c.kwargs)
-        + f" w{c.num_warps} s{c.num_stages}: {t[0] * 1e3:.1f}us"
+        + f" w{c.num_warps} s{c.num_stages}"
+        + (f" {c.kwargs['PROGRAMS_PER_SM']}/SM" if c.kwargs.get("PROGRAMS_PER_SM", 1) > 1 else "")
+        + (f" split {c.kwargs['SPLIT_K']}" if c.kwargs.get("SPLIT_K", 1) > 1 else "")
+        + f": {t[0] * 1e3:.1f}us"
         for c, t in rows
     )
 
@@ -114,6 +125,54 @@ def matmul_case(case, roofline: Roofline, paths: bool, configs: bool) -> dict:
     elems = m * k + n_w * k + m * n * (2 if has_residual else 1) + (n_w if has_bias else 0)
     row.update(roofline.fields(row["ours_us"] * 1e-6, elems * x.element_size(), flops))
     row["cublas_roofline_pct"] = roofline.percent(row["cublas_us"] * 1e-6, elems * 2, flops)
+    return row
+
+
+def tma_split_case(case, configs: bool) -> dict:
+    """One projection tuned over every TMA config, then over the unsplit ones only: both times,
+    the configs picked, the relative error against fp32 and whether a second call repeats the
+    bits (the split's partials are summed in a fixed order)."""
+    label, m, n, k = case
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+    b = torch.randn(n, device=dev, dtype=dt)
+    res = torch.randn(m, n, device=dev, dtype=dt)
+    expected = x.float() @ w.float().T + b.float() + res.float()
+    row = {
+        "case": label,
+        "M": m,
+        "N": n,
+        "K": k,
+        "cublas_us": 1e3 * bench(lambda: F.linear(x, w, b)),
+    }
+    tuner = matmul_module._matmul_tma_kernel_tuned
+    every = list(tuner.configs)
+    try:
+        for name, kept in (
+            ("split", every),
+            ("unsplit", [c for c in every if c.kwargs["SPLIT_K"] == 1]),
+        ):
+            matmul_module._tuned_configs.clear()
+            tuner.cache.clear()
+            matmul_module._plans.clear()
+            tuner.configs = kept
+            y = matmul_module.matmul(x, w, b, residual=res)
+            if configs and name == "split":
+                print(f"  {label} TMA: {tuned_timings(tuner)}")
+            again = matmul_module.matmul(x, w, b, residual=res)
+            best = tuner.best_config.kwargs
+            row[f"{name}_us"] = 1e3 * bench(lambda: matmul_module.matmul(x, w, b, residual=res))
+            row[f"{name}_config"] = f"{best['BLOCK_M']}x{best['BLOCK_N']} split {best['SPLIT_K']}"
+            row[f"{name}_rel_error"] = float(
+                (y.float() - expected).abs().max() / expected.abs().max()
+            )
+            row[f"{name}_repeats"] = torch.equal(y, again)
+    finally:
+        tuner.configs = every
+        matmul_module._tuned_configs.clear()
+        tuner.cache.clear()
+        matmul_module._plans.clear()
     return row
 
 
@@ -245,11 +304,32 @@ def main() -> None:
         help="only Llama-3-8B's decode projections at these batch sizes (none given: 1), bf16 and "
         "FP8 weights down each kernel path",
     )
+    parser.add_argument(
+        "--tma-split",
+        action="store_true",
+        help="only the projections where the TMA kernel may split K: tuned with and without it",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     roofline = Roofline.measure()
     print(f"{device}: {roofline.header()}")
+    if args.tma_split:
+        rows = [tma_split_case(case, args.configs) for case in TMA_SPLIT_MATMULS]
+        print(
+            "\n| matmul (bf16, + bias + residual) | M x N x K | cuBLAS us | tuned with K splits us "
+            "| its config | unsplit only us | its config | repeats bitwise |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(
+                f"| {r['case']} | {r['M']}x{r['N']}x{r['K']} | {r['cublas_us']:.1f} | {r['split_us']:.1f} "
+                f"| {r['split_config']} | {r['unsplit_us']:.1f} | {r['unsplit_config']} "
+                f"| {r['split_repeats'] and r['unsplit_repeats']} |"
+            )
+        if args.out:
+            write_result(args.out, device, **roofline.limits(), tma_split=rows)
+        return
     if args.fp8_decode is not None:
         rows = []
         for m in args.fp8_decode or [1]:

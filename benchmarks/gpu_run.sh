@@ -21,6 +21,7 @@
 #   launch    the host cost of kernel launches (benchmarks/bench_launch.py, where present)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
+#   tma-split the projections where the persistent matmul may split K, tuned with and without it
 #   speed     the kernel options measured (benchmarks/bench_options.py: epilogue variants of the
 #             large-M matmul + activation vs cuBLAS, decode tables at Llama-3-8B's batch 1..128),
 #             then under the winning options (or SPEED_OPTIONS="..." given as ZOO_KERNELS):
@@ -136,6 +137,8 @@ for stage in "$@"; do
       python benchmarks/profile_kernels.py --model llama3-8b --quantize fp8 2>&1 | tee "$OUT/profile_fp8.log" ;;
     kernels)
       python benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    tma-split)
+      python benchmarks/bench_kernels.py --tma-split --configs --out "$OUT/bench_tma_split.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     speed)
       python benchmarks/bench_options.py --out "$OUT/bench_options.json" --options-out "$OUT/kernel_options.txt" 2>&1 | tee -a "$OUT/bench.log"
       echo "== options measured at ${SECONDS}s"

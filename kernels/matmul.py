@@ -26,7 +26,9 @@ Layout assumptions:
 On the GPU the kernel is autotuned with a bucketed key (M rounded up to a power of two, capped;
 N; K), and skinny-M problems (decode) that would leave SMs idle are split along K: fp32 partials
 go to a workspace and a small epilogue kernel sums them. Large-M fp16/bf16 problems (prefill,
-Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper. Under the Triton
+Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper; where its tiles
+would fill the SMs' last round only in part, the autotuner also tries configs that split each
+tile's K in two (the last of a tile's programs sums the partials and runs the epilogue). Under the Triton
 interpreter fixed configs are used and there is no split-K (but for the matrix-vector kernel's,
 decided from shapes alone); the TMA kernel runs there too.
 
@@ -563,6 +565,93 @@ def _tma_epilogue_halves(
 
 
 @triton.jit
+def _tma_tile_epilogue(
+    acc,
+    acc_up,
+    off_m,
+    off_n,
+    M,
+    N,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    out_desc,
+    res_stride_m,
+    out_stride_m,
+    alpha,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FUSED_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+):
+    """The epilogue of a [BLOCK_M, BLOCK_N] tile at (off_m, off_n) in 1, 2 or 4 column slices."""
+    if EPILOGUE_SUBTILE == 1:
+        _tma_epilogue_slice(
+            acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+            BLOCK_M, BLOCK_N, TMA_STORE,
+        )  # fmt: skip
+    elif EPILOGUE_SUBTILE == 2:
+        _tma_epilogue_halves(
+            acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+            BLOCK_M, BLOCK_N, TMA_STORE,
+        )  # fmt: skip
+    else:  # 4 slices: the halves of each half
+        HALF: tl.constexpr = BLOCK_N // 2
+        acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
+        up_0, up_1 = acc_0, acc_1  # unread unless FUSED_GATE
+        if FUSED_GATE:
+            up_0, up_1 = _halves(acc_up, BLOCK_M, BLOCK_N)
+        _tma_epilogue_halves(
+            acc_0, up_0, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+            BLOCK_M, HALF, TMA_STORE,
+        )  # fmt: skip
+        _tma_epilogue_halves(
+            acc_1, up_1, off_m, off_n + HALF, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+            BLOCK_M, HALF, TMA_STORE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _split_k_sum(
+    acc,
+    ws_ptr,
+    counts_ptr,
+    tile,
+    split,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One of a tile's SPLIT_K K slices done: its fp32 partial goes to the tile's slot for that
+    slice, and the program counts itself in; the last of the tile's programs to arrive sums the
+    slots in slice order (the same sum whichever arrives last: runs are deterministic) and puts
+    the count back to 0 for the next launch. Returns (the sum, whether this program is last)."""
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    slots = ws_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
+    tl.store(slots + split * TILE + offs, acc)
+    tl.debug_barrier()  # every thread's stores made before the count releases them
+    arrived = tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = acc
+    if last:
+        # .cg: from L2, where the other programs' partials are (L1 is not coherent)
+        total = tl.load(slots + offs, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT_K):
+            total += tl.load(slots + s * TILE + offs, cache_modifier=".cg")
+        tl.store(counts_ptr + tile, 0)
+    return total, last
+
+
+@triton.jit
 def _matmul_tma_kernel(
     x_desc,  # TMA descriptor of x [M, K], block [BLOCK_M, BLOCK_K]
     w_desc,  # TMA descriptor of the weight [N or 2N, K], block [BLOCK_N, BLOCK_K]
@@ -572,6 +661,8 @@ def _matmul_tma_kernel(
     out_desc,  # with TMA_STORE: descriptor of out [M, N], block [BLOCK_M, BLOCK_N // SUBTILE]
     w_scale_ptr,  # W_FP8 (with X_FP8: both operands FP8): fp32 [N or 2N]
     x_scale_ptr,  # X_FP8: fp32 [M]
+    ws_ptr,  # SPLIT_K > 1: fp32 partials, SPLIT_K x [BLOCK_M, BLOCK_N] per tile
+    counts_ptr,  # SPLIT_K > 1: int32 per tile, 0 between launches
     M,
     N,
     K,
@@ -595,30 +686,45 @@ def _matmul_tma_kernel(
     EPILOGUE_SUBTILE: tl.constexpr = 1,  # the epilogue in 1, 2 or 4 column slices
     TMA_STORE: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False,
+    SPLIT_K: tl.constexpr = 1,  # K slices per tile (16-bit operands, no fused gate)
 ):
     """Persistent variant for compute-bound shapes (fp16/bf16, Hopper): each program walks the
     output tiles num_programs apart. TMA fetches the tiles, and out-of-bounds rows and columns
     read as 0, so the K loop has no masks. The tile and K loops are flattened into one
     software pipeline that prefetches the next tile's operands while this tile's epilogue runs.
     EPILOGUE_SUBTILE > 1 runs the epilogue slice by slice (fewer live registers, each slice's
-    store overlapping the next slice's math), as Triton's persistent-matmul tutorial does."""
+    store overlapping the next slice's math), as Triton's persistent-matmul tutorial does.
+    SPLIT_K > 1 walks (tile, K slice) units instead, for problems whose tiles would fill the last
+    round of SMs only in part (e.g. 192 tiles on 132 SMs); the last of a tile's units to finish
+    sums the partials and runs the epilogue (_split_k_sum)."""
     wait_for_previous_grid(USE_PDL)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(
+    k_tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    for unit in tl.range(
         tl.program_id(0),
-        num_pid_m * num_pid_n,
+        num_pid_m * num_pid_n * SPLIT_K,
         tl.num_programs(0),
         flatten=True,
         warp_specialize=WARP_SPECIALIZE,
     ):
+        split = 0
+        if SPLIT_K == 1:
+            tile = unit
+            k_first = 0
+            k_end = k_tiles
+        else:
+            tile = unit // SPLIT_K
+            split = unit % SPLIT_K
+            k_first = split * k_tiles_per_split
+            k_end = tl.minimum(k_first + k_tiles_per_split, k_tiles)
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
+        for ki in range(k_first, k_end):
             off_k = ki * BLOCK_K
             x = x_desc.load([off_m, off_k])
             acc = tl.dot(
@@ -637,34 +743,23 @@ def _matmul_tma_kernel(
             off_n.to(tl.int64) + tl.arange(0, BLOCK_N), M, N, w_scale_ptr, x_scale_ptr,
             FUSED_GATE, W_FP8, X_FP8,
         )  # fmt: skip
-        if EPILOGUE_SUBTILE == 1:
-            _tma_epilogue_slice(
+        if SPLIT_K == 1:
+            _tma_tile_epilogue(
                 acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
                 res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-                BLOCK_M, BLOCK_N, TMA_STORE,
+                BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE, TMA_STORE,
             )  # fmt: skip
-        elif EPILOGUE_SUBTILE == 2:
-            _tma_epilogue_halves(
-                acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-                BLOCK_M, BLOCK_N, TMA_STORE,
+        else:
+            acc, last = _split_k_sum(
+                acc, ws_ptr, counts_ptr, tile, split, SPLIT_K=SPLIT_K, BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N,
             )  # fmt: skip
-        else:  # 4 slices: the halves of each half
-            HALF: tl.constexpr = BLOCK_N // 2
-            acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
-            up_0, up_1 = acc_0, acc_1  # unread unless FUSED_GATE
-            if FUSED_GATE:
-                up_0, up_1 = _halves(acc_up, BLOCK_M, BLOCK_N)
-            _tma_epilogue_halves(
-                acc_0, up_0, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-                BLOCK_M, HALF, TMA_STORE,
-            )  # fmt: skip
-            _tma_epilogue_halves(
-                acc_1, up_1, off_m, off_n + HALF, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-                BLOCK_M, HALF, TMA_STORE,
-            )  # fmt: skip
+            if last:
+                _tma_tile_epilogue(
+                    acc, acc, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                    res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                    FUSED_GATE, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE, TMA_STORE,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -811,6 +906,7 @@ _INTERPRET_TMA_CONFIG = {
     "BLOCK_K": 32,
     "GROUP_M": 2,
     "PROGRAMS_PER_SM": 1,
+    "SPLIT_K": 1,
 }
 _TINY_WEIGHT = 1 << 18  # elements; below this every config is about as fast: skip the tuning
 
@@ -871,6 +967,7 @@ def _tma_config(
     num_stages: int,
     num_warps: int,
     programs_per_sm: int = 1,
+    split_k: int = 1,
 ) -> triton.Config:
     meta = {
         "BLOCK_M": block_m,
@@ -878,6 +975,7 @@ def _tma_config(
         "BLOCK_K": block_k,
         "GROUP_M": 8,
         "PROGRAMS_PER_SM": programs_per_sm,
+        "SPLIT_K": split_k,
     }
     return triton.Config(meta, num_stages=num_stages, num_warps=num_warps, pre_hook=_set_tma_blocks)
 
@@ -895,6 +993,12 @@ _TMA_CONFIGS = [  # persistent TMA kernel, M > _TMA_MIN_M_BUCKET, fp16/bf16
     _tma_config(128, 128, 64, 3, 4, 2),
     _tma_config(128, 64, 64, 4, 4, 2),
     _tma_config(64, 128, 64, 4, 4, 2),
+    # K split in two where the tiles alone would leave SMs idle in their last round
+    # (_tma_split_useful: e.g. Bert's down projection at 4096 x 768, 192 tiles on 132 SMs)
+    _tma_config(128, 128, 64, 4, 4, split_k=2),
+    _tma_config(128, 128, 64, 4, 8, split_k=2),
+    _tma_config(64, 128, 64, 4, 4, split_k=2),
+    _tma_config(128, 64, 64, 4, 4, split_k=2),
 ]
 _FP8_TMA_CONFIGS = [  # the same with FP8 operands: twice the K per byte of shared memory
     _tma_config(128, 256, 128, 3, 8),
@@ -918,18 +1022,46 @@ _FP8_DOT_SMALL_M_CONFIGS = [
     _config(64, 64, 128, 4, 4),
 ]
 _INTERPRET_TMA_PROGRAMS = 2  # the interpreter's persistent programs: each walks several tiles
+# K each slice of a split TMA tile keeps at least: the partial's trip through L2 (a 64 KB store
+# and load per 128 x 128 slice) stays small beside the slice's MMAs
+_TMA_SPLIT_MIN_K_SLICE = 1024
+
+
+def _tma_tiles(config: dict, m: int, n: int) -> int:
+    return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+
+
+def _tma_split_useful(
+    config: dict, m_bucket: int, n: int, k: int, fused_gate: bool, x_fp8: bool, sms: int
+) -> bool:
+    """Whether a TMA config runs here: one with a K split only for 16-bit operands without the
+    fused gate, where each slice keeps enough K and the tiles (of the M bucket, so that a
+    padded call splits as its unpadded one) would fill fewer than two rounds of the SMs."""
+    split = config.get("SPLIT_K", 1)
+    if split == 1:
+        return True
+    return (
+        not (fused_gate or x_fp8)
+        and k >= split * _TMA_SPLIT_MIN_K_SLICE
+        and _tma_tiles(config, m_bucket, n) < 2 * sms
+    )
 
 
 def _prune_tma_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     n_acc = 2 if args["FUSED_GATE"] else 1
     elem_bytes = 1 if args["X_FP8"] else args["out_ptr"].element_size()
-    smem_limit = max_shared_memory(args["out_ptr"].device)
+    device = args["out_ptr"].device
+    smem_limit, sms = max_shared_memory(device), num_sms(device)
     kept = [
         c
         for c in configs
         if (c in _FP8_TMA_CONFIGS) == args["X_FP8"]
         and _fits(c, n_acc, elem_bytes, smem_limit, programs=c.kwargs["PROGRAMS_PER_SM"])
+        and _tma_split_useful(
+            c.kwargs, args["M_BUCKET"], args["N"], args["K"], args["FUSED_GATE"], args["X_FP8"], sms
+        )  # fmt: skip
+        and not (args["WARP_SPECIALIZE"] and c.kwargs["SPLIT_K"] > 1)
     ]
     return kept or [_tma_config(64, 64, 64, 2, 4)]
 
@@ -1152,7 +1284,7 @@ class _Plan:
 
     __slots__ = (
         "n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune", "fp8_dot",
-        "row_args",
+        "row_args", "tma_split",
     )  # fmt: skip
 
     def __init__(
@@ -1168,6 +1300,8 @@ class _Plan:
         self.main = main  # KernelLaunch of the GEMM; None until its config is known
         self.epilogue = epilogue  # KernelLaunch of the split-K epilogue, or None
         self.tune = tune  # (kernel, autotuner, autotune key, grid(meta), meta) while main is None
+        # TMA configs with a K split may run: (fp32 workspace elements, int32 counts per tile)
+        self.tma_split = None
         # the integer arguments of a one-kernel plan whose operands are passed as they are (x,
         # residual and out viewed as rows, bias contiguous): set by _plan_row_args
         self.row_args = None
@@ -1290,15 +1424,36 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
             main = KernelLaunch(
                 _matmul_tma_kernel, (_INTERPRET_TMA_PROGRAMS,), {**tma_meta, **config}
             )
-            return _Plan(n, out_shape, tma=True, main=main, fp8_dot=fp8_dot)
-        sms = num_sms(x.device)
+            plan = _Plan(n, out_shape, tma=True, main=main, fp8_dot=fp8_dot)
+            splits = [config] if config["SPLIT_K"] > 1 else []
+        else:
+            sms = num_sms(x.device)
 
-        def tma_grid(launch_meta):
-            tiles = triton.cdiv(m, launch_meta["BLOCK_M"]) * triton.cdiv(n, launch_meta["BLOCK_N"])
-            return (min(sms * launch_meta["PROGRAMS_PER_SM"], tiles),)
+            def tma_grid(launch_meta):
+                units = _tma_tiles(launch_meta, m, n) * launch_meta["SPLIT_K"]
+                return (min(sms * launch_meta["PROGRAMS_PER_SM"], units),)
 
-        tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, tma_meta)
-        return _Plan(n, out_shape, tma=True, tune=tune, fp8_dot=fp8_dot)
+            tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, tma_meta)
+            plan = _Plan(n, out_shape, tma=True, tune=tune, fp8_dot=fp8_dot)
+            # the tile counts are zeroed now, so not inside a capture (there the memset would run
+            # at replays only); warp specialization is not combined with the split
+            capturing = torch.cuda.is_current_stream_capturing()
+            splits = [
+                c.kwargs
+                for c in _TMA_CONFIGS
+                if c.kwargs["SPLIT_K"] > 1
+                and not (capturing or variant["WARP_SPECIALIZE"])
+                and _tma_split_useful(c.kwargs, m_bucket, n, k, fused_gate, fp8_dot, sms)
+            ]
+        if splits:  # room for the largest split config's partials, and its tiles' counts
+            ws_numel = max(
+                _tma_tiles(c, m, n) * c["SPLIT_K"] * c["BLOCK_M"] * c["BLOCK_N"] for c in splits
+            )
+            counts = torch.zeros(
+                max(_tma_tiles(c, m, n) for c in splits), dtype=torch.int32, device=x.device
+            )
+            plan.tma_split = (ws_numel, counts)
+        return plan
 
     meta = {
         **shared_meta,
@@ -1417,7 +1572,11 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_
         # the autotune key was tuned (by this plan's first call or another signature's)
         kernel, _, key, grid, meta = plan.tune
         config = _tuned_configs[key]
-        plan.main = KernelLaunch(kernel, grid(config.kwargs), {**meta, **config.all_kwargs()})
+        tuned = config.all_kwargs()
+        if plan.tma and plan.tma_split is None and tuned["SPLIT_K"] > 1:
+            # a plan made inside a CUDA graph capture has no zeroed tile counts: unsplit
+            tuned["SPLIT_K"] = 1
+        plan.main = KernelLaunch(kernel, grid(tuned), {**meta, **tuned})
         plan.tma_blocks = _tma_blocks(plan.main.meta) if plan.tma else None
         plan.tune = None
     (m, k), n = x2.shape, plan.n
@@ -1437,8 +1596,13 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_
         meta = plan.main.meta if plan.main is not None else plan.tune[4]
         if meta["TMA_STORE"]:
             out_desc = TensorDescriptor(out2, [m, n], [out2.stride(0), 1], out_block)
-        args = (x_desc, w_desc, bias_arg, res_arg, out2, out_desc, w_scale_arg, x_scale_arg, m,
-                n, k, _m_bucket(m), res_stride, out2.stride(0), alpha)  # fmt: skip
+        split_ws = counts = dummy
+        if plan.tma_split is not None and (plan.main is None or plan.main.meta["SPLIT_K"] > 1):
+            ws_numel, counts = plan.tma_split
+            split_ws = torch.empty(ws_numel, dtype=torch.float32, device=x2.device)
+        args = (x_desc, w_desc, bias_arg, res_arg, out2, out_desc, w_scale_arg, x_scale_arg,
+                split_ws, counts, m, n, k, _m_bucket(m), res_stride, out2.stride(0),
+                alpha)  # fmt: skip
     else:
         if plan.split_k > 1:
             ws = torch.empty(

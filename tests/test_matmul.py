@@ -339,6 +339,50 @@ def test_tma_epilogue_variants(
 
 
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize(
+    "activation, has_bias, has_residual", [(None, True, True), ("gelu", True, False)]
+)
+def test_tma_split_k(monkeypatch, dtype, activation, has_bias, has_residual):
+    """The persistent TMA kernel with each tile's K split in two (uneven slices): the last of a
+    tile's programs sums the partials and runs the epilogue, and every tile's count is back at 0
+    after the call, so the next call (or a graph's replay) starts clean: the same bits again,
+    the reference's numbers."""
+    m, n, k = 300, 72, 2104  # K: ragged against BLOCK_K, rows 16-byte aligned (TMA)
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    monkeypatch.setattr(mm, "_INTERPRET_TMA_CONFIG", {**mm._INTERPRET_TMA_CONFIG, "SPLIT_K": 2})
+    fresh_tuning(
+        monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 128, 64, 4, 4, split_k=2)]
+    )
+    b = rand(n, dtype=dtype) if has_bias else None
+    res = rand(m, n, dtype=dtype) if has_residual else None
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    (plan,) = [p for p in mm._plans.values() if p.tma_split is not None]
+    assert_close(y, reference(x, w, b, activation, res, 0.5), TOL[dtype], "TMA split-K matmul")
+    counts = plan.tma_split[1]
+    assert counts.numel() > 1 and not counts.any(), "tile counts left for the next launch"
+    again = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    assert torch.equal(again, y)
+    # on the GPU the plan's launch is fixed at its second call (the first one tunes)
+    assert plan_meta(plan)["SPLIT_K"] == 2 and not counts.any()
+
+
+def test_tma_split_k_only_where_tiles_leave_sms_idle():
+    """K splits are tried only for 16-bit operands without the fused gate, with enough K per
+    slice, where the tiles of the M bucket fill fewer than two rounds of the SMs."""
+    split = mm._tma_config(128, 128, 64, 4, 4, split_k=2).kwargs
+    plain = mm._tma_config(128, 128, 64, 4, 4).kwargs
+    useful = mm._tma_split_useful
+    assert useful(split, 4096, 768, 3072, False, False, 132)  # Bert down: 192 tiles
+    assert not useful(split, 4096, 768, 768, False, False, 132)  # K slices too short
+    assert not useful(split, 16384, 768, 3072, False, False, 132)  # 768 tiles: rounds enough
+    assert not useful(split, 4096, 768, 3072, True, False, 132)  # fused gate
+    assert not useful(split, 4096, 768, 3072, False, True, 132)  # FP8 operands
+    assert useful(plain, 16384, 768, 768, True, True, 132)  # unsplit configs always run
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
 def test_tma_store_in_place_and_unaligned_outputs(monkeypatch, kernel_options, dtype):
     """TMA stores write an in-place residual add; an output whose rows TMA cannot address
     (37 halves: 74 bytes) keeps pointer stores under the same options."""
