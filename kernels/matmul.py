@@ -702,6 +702,8 @@ def _matmul_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    # every unit runs the same number of K steps (steps past K read zeros): one trip count,
+    # so Triton can flatten the unit and K loops into one software pipeline
     k_tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
     for unit in tl.range(
         tl.program_id(0),
@@ -711,15 +713,13 @@ def _matmul_tma_kernel(
         warp_specialize=WARP_SPECIALIZE,
     ):
         split = 0
+        k_first = 0
         if SPLIT_K == 1:
             tile = unit
-            k_first = 0
-            k_end = k_tiles
         else:
             tile = unit // SPLIT_K
             split = unit % SPLIT_K
             k_first = split * k_tiles_per_split
-            k_end = tl.minimum(k_first + k_tiles_per_split, k_tiles)
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -728,8 +728,8 @@ def _matmul_tma_kernel(
             # of the [2, BLOCK_N, BLOCK_K] block is free there), one [BLOCK_M, 2 * BLOCK_N] dot:
             # the MMA shape of an unfused 2 * BLOCK_N wide tile; rows past N read as zeros
             acc_both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-            for ki in range(k_first, k_end):
-                off_k = ki * BLOCK_K
+            for ki in range(k_tiles_per_split):
+                off_k = (k_first + ki) * BLOCK_K
                 w = tl.reshape(w_desc.load([0, off_n, off_k]), (2 * BLOCK_N, BLOCK_K))
                 acc_both = tl.dot(
                     x_desc.load([off_m, off_k]), w.T, acc_both,
@@ -739,8 +739,8 @@ def _matmul_tma_kernel(
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_first, k_end):
-                off_k = ki * BLOCK_K
+            for ki in range(k_tiles_per_split):
+                off_k = (k_first + ki) * BLOCK_K
                 x = x_desc.load([off_m, off_k])
                 acc = tl.dot(
                     x, w_desc.load([off_n, off_k]).T, acc,
