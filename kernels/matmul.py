@@ -100,7 +100,7 @@ def _gelu(y):
     """Exact (erf) GELU, y * Phi(y), as relu(y) - |y| / 2 * erfc(|y| / sqrt(2)), with erfc from
     Abramowitz & Stegun 7.1.26: erfc(t) = k (a1 + k (a2 + k (a3 + k (a4 + k a5)))) exp(-t^2),
     k = 1 / (1 + p t), |error| < 1.5e-7 (the GELU within 5.3e-7 of the exact one; torch's fp32
-    GELU is within 1.3e-6). About 16 instructions where 0.5 y (1 + erf(y / sqrt(2))) takes 60
+    GELU is within 1.3e-6). About 17 instructions where 0.5 y (1 + erf(y / sqrt(2))) takes 60
     with libdevice's erf: in a matmul epilogue that is the difference between stalling the tensor
     cores and not. It also keeps the negative tail's relative precision (1 + erf cancels there)."""
     a = tl.abs(y)
@@ -1046,17 +1046,16 @@ def _tma_tiles(config: dict, m: int, n: int) -> int:
     return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
 
 
-def _tma_split_useful(
-    config: dict, m_bucket: int, n: int, k: int, fused_gate: bool, x_fp8: bool, sms: int
-) -> bool:
+def _tma_split_useful(config: dict, m_bucket: int, n: int, k: int, meta: dict, sms: int) -> bool:
     """Whether a TMA config runs here: one with a K split only for 16-bit operands without the
-    fused gate, where each slice keeps enough K and the tiles (of the M bucket, so that a
-    padded call splits as its unpadded one) would fill fewer than two rounds of the SMs."""
+    fused gate or warp specialization (meta: the launch's FUSED_GATE, X_FP8, WARP_SPECIALIZE),
+    where each slice keeps enough K and the tiles (of the M bucket, so that a padded call
+    splits as its unpadded one) would fill fewer than two rounds of the SMs."""
     split = config.get("SPLIT_K", 1)
     if split == 1:
         return True
     return (
-        not (fused_gate or x_fp8)
+        not (meta["FUSED_GATE"] or meta["X_FP8"] or meta["WARP_SPECIALIZE"])
         and k >= split * _TMA_SPLIT_MIN_K_SLICE
         and _tma_tiles(config, m_bucket, n) < 2 * sms
     )
@@ -1073,10 +1072,7 @@ def _prune_tma_configs(configs, named_args, **kwargs):
         for c in configs
         if (c in _FP8_TMA_CONFIGS) == args["X_FP8"]
         and _fits(c, n_acc, elem_bytes, smem_limit, programs=c.kwargs["PROGRAMS_PER_SM"])
-        and _tma_split_useful(
-            c.kwargs, args["M_BUCKET"], args["N"], args["K"], args["FUSED_GATE"], args["X_FP8"], sms
-        )  # fmt: skip
-        and not (args["WARP_SPECIALIZE"] and c.kwargs["SPLIT_K"] > 1)
+        and _tma_split_useful(c.kwargs, args["M_BUCKET"], args["N"], args["K"], args, sms)
     ]
     return kept or [_tma_config(64, 64, 64, 2, 4)]
 
@@ -1452,14 +1448,14 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
             tune = (_matmul_tma_kernel, _matmul_tma_kernel_tuned, ("tma", *key), tma_grid, tma_meta)
             plan = _Plan(n, out_shape, tma=True, tune=tune, fp8_dot=fp8_dot)
             # the tile counts are zeroed now, so not inside a capture (there the memset would run
-            # at replays only); warp specialization is not combined with the split
+            # at replays only)
             capturing = torch.cuda.is_current_stream_capturing()
             splits = [
                 c.kwargs
                 for c in _TMA_CONFIGS
                 if c.kwargs["SPLIT_K"] > 1
-                and not (capturing or variant["WARP_SPECIALIZE"])
-                and _tma_split_useful(c.kwargs, m_bucket, n, k, fused_gate, fp8_dot, sms)
+                and not capturing
+                and _tma_split_useful(c.kwargs, m_bucket, n, k, tma_meta, sms)
             ]
         if splits:  # room for the largest split config's partials, and its tiles' counts
             ws_numel = max(

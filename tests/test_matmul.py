@@ -390,17 +390,21 @@ def test_tma_gate_up_one_dot(monkeypatch, kernel_options, dtype, activation, int
 
 
 def test_tma_split_k_only_where_tiles_leave_sms_idle():
-    """K splits are tried only for 16-bit operands without the fused gate, with enough K per
-    slice, where the tiles of the M bucket fill fewer than two rounds of the SMs."""
+    """K splits are tried only for 16-bit operands without the fused gate or warp
+    specialization, with enough K per slice, where the tiles of the M bucket fill fewer than two
+    rounds of the SMs."""
     split = mm._tma_config(128, 128, 64, 4, 4, split_k=2).kwargs
     plain = mm._tma_config(128, 128, 64, 4, 4).kwargs
     useful = mm._tma_split_useful
-    assert useful(split, 4096, 768, 3072, False, False, 132)  # Bert down: 192 tiles
-    assert not useful(split, 4096, 768, 768, False, False, 132)  # K slices too short
-    assert not useful(split, 16384, 768, 3072, False, False, 132)  # 768 tiles: rounds enough
-    assert not useful(split, 4096, 768, 3072, True, False, 132)  # fused gate
-    assert not useful(split, 4096, 768, 3072, False, True, 132)  # FP8 operands
-    assert useful(plain, 16384, 768, 768, True, True, 132)  # unsplit configs always run
+    meta = {"FUSED_GATE": False, "X_FP8": False, "WARP_SPECIALIZE": False}
+    assert useful(split, 4096, 768, 3072, meta, 132)  # Bert down: 192 tiles
+    assert not useful(split, 4096, 768, 768, meta, 132)  # K slices too short
+    assert not useful(split, 16384, 768, 3072, meta, 132)  # 768 tiles: rounds enough
+    assert not useful(split, 4096, 768, 3072, {**meta, "FUSED_GATE": True}, 132)
+    assert not useful(split, 4096, 768, 3072, {**meta, "X_FP8": True}, 132)
+    assert not useful(split, 4096, 768, 3072, {**meta, "WARP_SPECIALIZE": True}, 132)
+    every = {"FUSED_GATE": True, "X_FP8": True, "WARP_SPECIALIZE": True}
+    assert useful(plain, 16384, 768, 768, every, 132)  # unsplit configs always run
 
 
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
