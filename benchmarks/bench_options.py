@@ -2,9 +2,8 @@
 the winners written out for the runs that follow.
 
 - Epilogue variants of the persistent TMA matmul (kernel options epilogue_subtile, tma_store,
-  warp_specialize, gate_up_one_dot) at the large-M matmuls with an activation (Bert 32x512
-  up + GELU, Llama-3-8B 2048-token gate-up + SiLU*up), against cuBLAS running the matmul alone
-  (F.linear, bias fused).
+  warp_specialize) at the large-M matmuls with an activation (Bert 32x512 up + GELU, Llama-3-8B
+  2048-token gate-up + SiLU*up), against cuBLAS running the matmul alone (F.linear, bias fused).
   The default epilogue is autotuned over every TMA config; each variant over the default's best
   --top configs (compiling every config for every variant would take most of a device call).
 - Decode-batch tables at Llama-3-8B's decode shapes, batch 1/8/32/64/128: the matmuls of a step
@@ -48,26 +47,16 @@ EPILOGUE_CASES = [
 ]
 # kernel options of each epilogue variant (the first is today's epilogue)
 EPILOGUE_VARIANTS = {
-    name: {**options, "gate_up_one_dot": options.get("gate_up_one_dot", 0)}
-    for name, options in {
-        "default": dict(epilogue_subtile=1, tma_store=0, warp_specialize=0),
-        "subtile2": dict(epilogue_subtile=2, tma_store=0, warp_specialize=0),
-        "subtile4": dict(epilogue_subtile=4, tma_store=0, warp_specialize=0),
-        "tma-store": dict(epilogue_subtile=1, tma_store=1, warp_specialize=0),
-        "subtile2 + tma-store": dict(epilogue_subtile=2, tma_store=1, warp_specialize=0),
-        "subtile4 + tma-store": dict(epilogue_subtile=4, tma_store=1, warp_specialize=0),
-        "warp-specialize": dict(epilogue_subtile=1, tma_store=0, warp_specialize=1),
-        "subtile2 + tma-store + warp-specialize": dict(
-            epilogue_subtile=2, tma_store=1, warp_specialize=1
-        ),
-        # the fused gate-up's two weight tiles as one, one dot per K step (gated cases only)
-        "gate-up one dot": dict(
-            epilogue_subtile=1, tma_store=0, warp_specialize=0, gate_up_one_dot=1
-        ),
-        "gate-up one dot + tma-store": dict(
-            epilogue_subtile=1, tma_store=1, warp_specialize=0, gate_up_one_dot=1
-        ),
-    }.items()
+    "default": dict(epilogue_subtile=1, tma_store=0, warp_specialize=0),
+    "subtile2": dict(epilogue_subtile=2, tma_store=0, warp_specialize=0),
+    "subtile4": dict(epilogue_subtile=4, tma_store=0, warp_specialize=0),
+    "tma-store": dict(epilogue_subtile=1, tma_store=1, warp_specialize=0),
+    "subtile2 + tma-store": dict(epilogue_subtile=2, tma_store=1, warp_specialize=0),
+    "subtile4 + tma-store": dict(epilogue_subtile=4, tma_store=1, warp_specialize=0),
+    "warp-specialize": dict(epilogue_subtile=1, tma_store=0, warp_specialize=1),
+    "subtile2 + tma-store + warp-specialize": dict(
+        epilogue_subtile=2, tma_store=1, warp_specialize=1
+    ),
 }
 # Llama-3-8B decode: (label, weight rows, K, activation, residual) per layer, and the head
 HIDDEN, LAYER_PROJECTIONS = (

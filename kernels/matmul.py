@@ -619,6 +619,11 @@ def _tma_tile_epilogue(
         )  # fmt: skip
 
 
+# the atomics each program of a split tile counts itself in with: at least one per thread of the
+# largest TMA config (8 warps), so that every thread's partial stores are released
+_SPLIT_K_ARRIVALS = tl.constexpr(256)
+
+
 @triton.jit
 def _split_k_sum(
     acc,
@@ -638,16 +643,25 @@ def _split_k_sum(
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     slots = ws_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
     tl.store(slots + split * TILE + offs, acc)
-    tl.debug_barrier()  # every thread's stores made before the count releases them
-    arrived = tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel")
-    last = arrived == SPLIT_K - 1
-    total = acc
-    if last:
-        # .cg: from L2, where the other programs' partials are (L1 is not coherent)
-        total = tl.load(slots + offs, cache_modifier=".cg")
-        for s in tl.static_range(1, SPLIT_K):
-            total += tl.load(slots + s * TILE + offs, cache_modifier=".cg")
-        tl.store(counts_ptr + tile, 0)
+    # every thread counts itself in, its atomic releasing its own stores (one atomic of the
+    # program after a barrier would do, but a barrier in the loop body stops Triton from
+    # pipelining it); the program that brings the count to its end sums
+    arrivals = tl.atomic_add(
+        counts_ptr + tile + tl.zeros((_SPLIT_K_ARRIVALS,), dtype=tl.int32), 1, sem="acq_rel"
+    )
+    latest = tl.max(arrivals, axis=0)  # the count before this program's latest arrival
+    last = latest == SPLIT_K * _SPLIT_K_ARRIVALS - 1
+    # loads predicated on `last` rather than an `if` that yields the sum: Triton 3.6's loop
+    # flattening fails on a value-yielding `if` in the loop body (the mask is made from
+    # `latest`: the interpreter splats a boolean scalar as int32). .cg: from L2, where the other
+    # programs' partials are (L1 is not coherent)
+    sum_here = (
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32) + latest == SPLIT_K * _SPLIT_K_ARRIVALS - 1
+    )
+    total = tl.load(slots + offs, mask=sum_here, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT_K):
+        total += tl.load(slots + s * TILE + offs, mask=sum_here, other=0.0, cache_modifier=".cg")
+    tl.store(counts_ptr + tile, 0, mask=last)
     return total, last
 
 
@@ -687,7 +701,6 @@ def _matmul_tma_kernel(
     TMA_STORE: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False,
     SPLIT_K: tl.constexpr = 1,  # K slices per tile (16-bit operands, no fused gate)
-    GATE_ONE_DOT: tl.constexpr = False,  # FUSED_GATE: w_desc is 3D [2, N, K], one dot per step
 ):
     """Persistent variant for compute-bound shapes (fp16/bf16, Hopper): each program walks the
     output tiles num_programs apart. TMA fetches the tiles, and out-of-bounds rows and columns
@@ -723,35 +736,21 @@ def _matmul_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        if GATE_ONE_DOT:
-            # the gate's rows and the up's of this tile in one shared-memory tile (the reshape
-            # of the [2, BLOCK_N, BLOCK_K] block is free there), one [BLOCK_M, 2 * BLOCK_N] dot:
-            # the MMA shape of an unfused 2 * BLOCK_N wide tile; rows past N read as zeros
-            acc_both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles_per_split):
-                off_k = (k_first + ki) * BLOCK_K
-                w = tl.reshape(w_desc.load([0, off_n, off_k]), (2 * BLOCK_N, BLOCK_K))
-                acc_both = tl.dot(
-                    x_desc.load([off_m, off_k]), w.T, acc_both,
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles_per_split):
+            off_k = (k_first + ki) * BLOCK_K
+            x = x_desc.load([off_m, off_k])
+            acc = tl.dot(
+                x, w_desc.load([off_n, off_k]).T, acc,
+                max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+            )  # fmt: skip
+            if FUSED_GATE:
+                # gate rows past N read up rows (or zeros): those columns are never stored
+                acc_up = tl.dot(
+                    x, w_desc.load([N + off_n, off_k]).T, acc_up,
                     max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
                 )  # fmt: skip
-            acc, acc_up = _halves(acc_both, BLOCK_M, 2 * BLOCK_N)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles_per_split):
-                off_k = (k_first + ki) * BLOCK_K
-                x = x_desc.load([off_m, off_k])
-                acc = tl.dot(
-                    x, w_desc.load([off_n, off_k]).T, acc,
-                    max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
-                )  # fmt: skip
-                if FUSED_GATE:
-                    # gate rows past N read up rows (or zeros): those columns are never stored
-                    acc_up = tl.dot(
-                        x, w_desc.load([N + off_n, off_k]).T, acc_up,
-                        max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
-                    )  # fmt: skip
         # FP8 operands: the whole tile scaled before the epilogue's slices (else a no-op)
         acc, acc_up = _fp8_scaled(
             acc, acc_up, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
@@ -769,12 +768,14 @@ def _matmul_tma_kernel(
                 acc, ws_ptr, counts_ptr, tile, split, SPLIT_K=SPLIT_K, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N,
             )  # fmt: skip
-            if last:
-                _tma_tile_epilogue(
-                    acc, acc, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-                    res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-                    FUSED_GATE, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE, TMA_STORE,
-                )  # fmt: skip
+            # only the last unit stores: the others' rows are all masked off (not an `if`:
+            # Triton 3.6's loop flattening fails on an `if` in the loop body), so the stores
+            # are masked pointer stores whatever TMA_STORE says (a TMA store has no mask)
+            _tma_tile_epilogue(
+                acc, acc, off_m, off_n, tl.where(last, M, 0), N, bias_ptr, res_ptr, out_ptr,
+                out_desc, res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                FUSED_GATE, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE, False,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -992,6 +993,8 @@ def _tma_config(
         "PROGRAMS_PER_SM": programs_per_sm,
         "SPLIT_K": split_k,
     }
+    # each thread of a split tile's program releases its own partial stores (_split_k_sum)
+    assert split_k == 1 or num_warps * 32 <= _SPLIT_K_ARRIVALS, "more threads than arrivals"
     return triton.Config(meta, num_stages=num_stages, num_warps=num_warps, pre_hook=_set_tma_blocks)
 
 
@@ -1179,7 +1182,7 @@ def _tma_addressable(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
 
 
-def _tma_variant(out: torch.Tensor | None, n: int, elem_bytes: int, fused_gate: bool) -> dict:
+def _tma_variant(out: torch.Tensor | None, n: int, elem_bytes: int) -> dict:
     """The TMA kernel's epilogue constexprs from the kernel options; TMA stores only where the
     output (given, or a fresh contiguous one) can be addressed by TMA."""
     options = kernels.utils.KERNEL_OPTIONS
@@ -1191,7 +1194,6 @@ def _tma_variant(out: torch.Tensor | None, n: int, elem_bytes: int, fused_gate: 
         "EPILOGUE_SUBTILE": options["epilogue_subtile"],
         "TMA_STORE": bool(options["tma_store"]) and store_ok,
         "WARP_SPECIALIZE": bool(options["warp_specialize"]),
-        "GATE_ONE_DOT": bool(options["gate_up_one_dot"]) and fused_gate,
     }
 
 
@@ -1428,7 +1430,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     if w_fp8 and m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec"]:
         return _matvec_plan(n, k, out_shape, shared_meta, key)
     if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot):
-        variant = _tma_variant(out, n, x.element_size(), fused_gate)
+        variant = _tma_variant(out, n, x.element_size())
         tma_meta = {**shared_meta, **variant, "FP8_PROMOTE": fp8_promote}
         key = (*key, *variant.values())
         if INTERPRET:
@@ -1574,8 +1576,7 @@ def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:
     """The TMA descriptors' block shapes for a config (meta with its tile and variant): x's and
     the weight's tiles, and the output's epilogue slice."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    w_block = [2, bn, bk] if config["GATE_ONE_DOT"] else [bn, bk]
-    return [bm, bk], w_block, [bm, bn // config["EPILOGUE_SUBTILE"]]
+    return [bm, bk], [bn, bk], [bm, bn // config["EPILOGUE_SUBTILE"]]
 
 
 def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_scale) -> None:
@@ -1601,18 +1602,12 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_
     x_scale_arg = x_scale if x_scale is not None else dummy
     ws = None
     if plan.tma:
-        meta = plan.main.meta if plan.main is not None else plan.tune[4]
         # placeholder block shapes while tuning: each config's pre_hook sets its own
-        x_block, w_block, out_block = plan.tma_blocks or _tma_blocks(
-            {**meta, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "EPILOGUE_SUBTILE": 1}
-        )
+        x_block, w_block, out_block = plan.tma_blocks or ([16, 16], [16, 16], [16, 16])
         x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], x_block)
-        if meta["GATE_ONE_DOT"]:  # the fused [2N, K] weight seen as [2, N, K]
-            rows = weight.stride(0)
-            w_desc = TensorDescriptor(weight, [2, n, k], [n * rows, rows, 1], w_block)
-        else:
-            w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], w_block)
+        w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], w_block)
         out_desc = None
+        meta = plan.main.meta if plan.main is not None else plan.tune[4]
         if meta["TMA_STORE"]:
             out_desc = TensorDescriptor(out2, [m, n], [out2.stride(0), 1], out_block)
         split_ws = counts = dummy

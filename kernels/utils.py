@@ -64,9 +64,6 @@ KERNEL_OPTION_CHOICES = {
     "tma_store": (1, 0),
     # persistent TMA matmul: Triton's warp specialization of the tile loop (Triton >= 3.4)
     "warp_specialize": (0, 1),
-    # persistent TMA matmul, fused gate-up: the gate's and the up's weight tiles as one
-    # [2 * BLOCK_N, BLOCK_K] tile (a 3D descriptor) and one dot, instead of two dots
-    "gate_up_one_dot": (0, 1),
     # FP8 x FP8 matmul (large M): 1 leaves the partial sums in the tensor cores' accumulation
     # (about 14 mantissa bits, the error growing with K) instead of adding each K slice in fp32
     "fp8_fast_accum": (0, 1),

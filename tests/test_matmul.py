@@ -368,27 +368,6 @@ def test_tma_split_k(monkeypatch, dtype, activation, has_bias, has_residual):
     assert plan_meta(plan)["SPLIT_K"] == 2 and not counts.any()
 
 
-@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
-@pytest.mark.parametrize("activation, inter", [("silu_mul", 104), ("gelu_tanh_mul", 40)])
-def test_tma_gate_up_one_dot(monkeypatch, kernel_options, dtype, activation, inter):
-    """Kernel option gate_up_one_dot: the fused gate-up weight read through a 3D descriptor as
-    one [2 * BLOCK_N, BLOCK_K] tile per step and one dot (ragged I: the rows past it read as
-    zeros in both halves), against the reference and the two-dot default."""
-    m, k = 300, 72
-    x, w = rand(m, k, dtype=dtype), rand(2 * inter, k, dtype=dtype)
-    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
-        pytest.skip("TMA needs a Hopper (or newer) GPU")
-    b, res = rand(2 * inter, dtype=dtype), rand(m, inter, dtype=dtype)
-    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [mm._tma_config(128, 128, 64, 3, 8)])
-    default = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
-    kernel_options(gate_up_one_dot=1)
-    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
-    (plan,) = [p for p in mm._plans.values() if p.tma and plan_meta(p)["GATE_ONE_DOT"]]
-    expected = reference(x, w, b, activation, res, 0.5)
-    assert_close(y, expected, TOL[dtype], f"TMA gate-up in one dot, {activation}")
-    assert_close(y, default, TOL[dtype], "one dot vs two")
-
-
 def test_tma_split_k_only_where_tiles_leave_sms_idle():
     """K splits are tried only for 16-bit operands without the fused gate or warp
     specialization, with enough K per slice, where the tiles of the M bucket fill fewer than two
