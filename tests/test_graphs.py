@@ -297,6 +297,13 @@ def test_pool_is_dropped_when_the_weights_move(saved):
     assert len(graphs.graph_pool(model).keys()) == 1
     model.to(torch.float16)  # the graphs would read the old weights
     assert graphs.graph_pool(model).keys() == []
+    graphs.bert_forward(model, ids, None, torch.zeros_like(ids))
+    assert len(graphs.graph_pool(model).keys()) == 1
+    # a new tensor in the first parameter's place (load_state_dict(..., assign=True) does this)
+    first_name, first = next(model.named_parameters())
+    owner, _, name = first_name.rpartition(".")
+    setattr(model.get_submodule(owner), name, torch.nn.Parameter(first.detach().clone()))
+    assert graphs.graph_pool(model).keys() == []
 
 
 # --- real graphs (GPU) -------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class GraphPool:
         # calls: torch.distributed's watchdog)
         self.capture_mode = "global"
         self._side_stream: torch.cuda.Stream | None = None  # see beside()
+        self._first_parameter: tuple[nn.Module, str] | None = None  # see first_parameter()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -153,6 +154,20 @@ class GraphPool:
     def join_beside(self) -> None:
         if self._side_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
+
+    def first_parameter(self, model: nn.Module) -> torch.Tensor:
+        """The model's first parameter, read through the (module, name) found the first time:
+        every plain call checks where the weights are, and walking model.parameters() costs a
+        few microseconds of the host time before the replay."""
+        if self._first_parameter is not None:
+            module, name = self._first_parameter
+            parameter = module._parameters.get(name)
+            if parameter is not None:
+                return parameter
+        path, parameter = next(model.named_parameters())
+        owner, _, name = path.rpartition(".")
+        self._first_parameter = (model.get_submodule(owner), name)
+        return parameter
 
     def clear(self) -> None:
         self._entries.clear()
@@ -243,7 +258,7 @@ def graph_pool(model: nn.Module) -> GraphPool:
     pool = _POOLS.get(model)
     if pool is None:
         pool = _POOLS[model] = GraphPool()
-    first = next(model.parameters())
+    first = pool.first_parameter(model)
     weights = (first.data_ptr(), first.dtype, first.device)
     if pool.weights != weights:
         pool.clear()
@@ -286,8 +301,9 @@ def bert_forward(
     device = input_ids.device
     tokens = None
     if attention_mask is not None and may_pack(batch, seq):
-        # the one value read back before the replay (the packing itself is computed in it)
-        tokens = packed_tokens(batch, seq, int(attention_mask.ne(0).sum()))
+        # the one value read back before the replay (the packing itself is computed in it);
+        # count_nonzero: one kernel where ne + sum were two (the host waits on them)
+        tokens = packed_tokens(batch, seq, int(torch.count_nonzero(attention_mask)))
 
     def real(buffer: torch.Tensor) -> torch.Tensor:
         """The call's part of a [B, length, ...] buffer (the buffer itself when unpadded)."""
