@@ -564,61 +564,6 @@ def _tma_epilogue_halves(
     )  # fmt: skip
 
 
-@triton.jit
-def _tma_tile_epilogue(
-    acc,
-    acc_up,
-    off_m,
-    off_n,
-    M,
-    N,
-    bias_ptr,
-    res_ptr,
-    out_ptr,
-    out_desc,
-    res_stride_m,
-    out_stride_m,
-    alpha,
-    ACTIVATION: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    FUSED_GATE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    EPILOGUE_SUBTILE: tl.constexpr,
-    TMA_STORE: tl.constexpr,
-):
-    """The epilogue of a [BLOCK_M, BLOCK_N] tile at (off_m, off_n) in 1, 2 or 4 column slices."""
-    if EPILOGUE_SUBTILE == 1:
-        _tma_epilogue_slice(
-            acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-            BLOCK_M, BLOCK_N, TMA_STORE,
-        )  # fmt: skip
-    elif EPILOGUE_SUBTILE == 2:
-        _tma_epilogue_halves(
-            acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-            BLOCK_M, BLOCK_N, TMA_STORE,
-        )  # fmt: skip
-    else:  # 4 slices: the halves of each half
-        HALF: tl.constexpr = BLOCK_N // 2
-        acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
-        up_0, up_1 = acc_0, acc_1  # unread unless FUSED_GATE
-        if FUSED_GATE:
-            up_0, up_1 = _halves(acc_up, BLOCK_M, BLOCK_N)
-        _tma_epilogue_halves(
-            acc_0, up_0, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-            BLOCK_M, HALF, TMA_STORE,
-        )  # fmt: skip
-        _tma_epilogue_halves(
-            acc_1, up_1, off_m, off_n + HALF, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-            res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-            BLOCK_M, HALF, TMA_STORE,
-        )  # fmt: skip
-
-
 # the atomics each program of a split tile counts itself in with: at least one per thread of the
 # largest TMA config (8 warps), so that every thread's partial stores are released
 _SPLIT_K_ARRIVALS = tl.constexpr(256)
@@ -757,13 +702,8 @@ def _matmul_tma_kernel(
             off_n.to(tl.int64) + tl.arange(0, BLOCK_N), M, N, w_scale_ptr, x_scale_ptr,
             FUSED_GATE, W_FP8, X_FP8,
         )  # fmt: skip
-        if SPLIT_K == 1:
-            _tma_tile_epilogue(
-                acc, acc_up, off_m, off_n, M, N, bias_ptr, res_ptr, out_ptr, out_desc,
-                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
-                BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE, TMA_STORE,
-            )  # fmt: skip
-        else:
+        rows = M
+        if SPLIT_K > 1:
             acc, last = _split_k_sum(
                 acc, ws_ptr, counts_ptr, tile, split, SPLIT_K=SPLIT_K, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N,
@@ -771,10 +711,35 @@ def _matmul_tma_kernel(
             # only the last unit stores: the others' rows are all masked off (not an `if`:
             # Triton 3.6's loop flattening fails on an `if` in the loop body), so the stores
             # are masked pointer stores whatever TMA_STORE says (a TMA store has no mask)
-            _tma_tile_epilogue(
-                acc, acc, off_m, off_n, tl.where(last, M, 0), N, bias_ptr, res_ptr, out_ptr,
-                out_desc, res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-                FUSED_GATE, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE, False,
+            rows = tl.where(last, M, 0)
+        STORE_BY_TMA: tl.constexpr = TMA_STORE and SPLIT_K == 1
+        if EPILOGUE_SUBTILE == 1:
+            _tma_epilogue_slice(
+                acc, acc_up, off_m, off_n, rows, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, BLOCK_N, STORE_BY_TMA,
+            )  # fmt: skip
+        elif EPILOGUE_SUBTILE == 2:
+            _tma_epilogue_halves(
+                acc, acc_up, off_m, off_n, rows, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, BLOCK_N, STORE_BY_TMA,
+            )  # fmt: skip
+        else:  # 4 slices: the halves of each half
+            HALF: tl.constexpr = BLOCK_N // 2
+            acc_0, acc_1 = _halves(acc, BLOCK_M, BLOCK_N)
+            up_0, up_1 = acc_0, acc_1  # unread unless FUSED_GATE
+            if FUSED_GATE:
+                up_0, up_1 = _halves(acc_up, BLOCK_M, BLOCK_N)
+            _tma_epilogue_halves(
+                acc_0, up_0, off_m, off_n, rows, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, HALF, STORE_BY_TMA,
+            )  # fmt: skip
+            _tma_epilogue_halves(
+                acc_1, up_1, off_m, off_n + HALF, rows, N, bias_ptr, res_ptr, out_ptr, out_desc,
+                res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
+                BLOCK_M, HALF, STORE_BY_TMA,
             )  # fmt: skip
 
 
