@@ -85,6 +85,7 @@ def tuned_timings(tuner) -> str:
         + f" w{c.num_warps} s{c.num_stages}"
         + (f" {c.kwargs['PROGRAMS_PER_SM']}/SM" if c.kwargs.get("PROGRAMS_PER_SM", 1) > 1 else "")
         + (f" split {c.kwargs['SPLIT_K']}" if c.kwargs.get("SPLIT_K", 1) > 1 else "")
+        + (f" tail {c.kwargs['BLOCK_N_TAIL']}" if c.kwargs.get("BLOCK_N_TAIL", 0) else "")
         + f": {t[0] * 1e3:.1f}us"
         for c, t in rows
     )

@@ -28,7 +28,8 @@ N; K), and skinny-M problems (decode) that would leave SMs idle are split along 
 go to a workspace and a small epilogue kernel sums them. Large-M fp16/bf16 problems (prefill,
 Bert at batch) take a persistent kernel that loads its tiles with TMA on Hopper; where its tiles
 would fill the SMs' last round only in part, the autotuner also tries configs that split each
-tile's K in two (the last of a tile's programs sums the partials and runs the epilogue). Under the Triton
+tile's K in two (the last of a tile's programs sums the partials and runs the epilogue) and
+tiles widened by a tail of 64 columns (128 + 64: N = 768 in four). Under the Triton
 interpreter fixed configs are used and there is no split-K (but for the matrix-vector kernel's,
 decided from shapes alone); the TMA kernel runs there too.
 
@@ -510,9 +511,11 @@ def _tma_epilogue_slice(
     TMA_STORE: tl.constexpr,
 ):
     """The epilogue of output columns [off_n, off_n + SLICE_N) of a tile: stored with masked
-    pointer stores, or through the output's TMA descriptor (which clips the edges itself)."""
-    offs_m = off_m.to(tl.int64) + tl.arange(0, SLICE_M)
-    offs_n = off_n.to(tl.int64) + tl.arange(0, SLICE_N)
+    pointer stores, or through the output's TMA descriptor (which clips the edges itself).
+    Offsets in int32 (the host keeps the output and residual within 2**31 elements, _takes_tma):
+    64-bit ones took twice the registers and spilled with 8 warps."""
+    offs_m = off_m + tl.arange(0, SLICE_M)
+    offs_n = off_n + tl.arange(0, SLICE_N)
     y = _epilogue_values(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha,
         ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
@@ -614,6 +617,7 @@ def _split_k_sum(
 def _matmul_tma_kernel(
     x_desc,  # TMA descriptor of x [M, K], block [BLOCK_M, BLOCK_K]
     w_desc,  # TMA descriptor of the weight [N or 2N, K], block [BLOCK_N, BLOCK_K]
+    w_tail_desc,  # BLOCK_N_TAIL > 0: the weight's descriptor with block [BLOCK_N_TAIL, BLOCK_K]
     bias_ptr,
     res_ptr,
     out_ptr,
@@ -646,19 +650,28 @@ def _matmul_tma_kernel(
     TMA_STORE: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False,
     SPLIT_K: tl.constexpr = 1,  # K slices per tile (16-bit operands, no fused gate)
+    BLOCK_N_TAIL: tl.constexpr = 0,  # > 0: tiles of BLOCK_N + BLOCK_N_TAIL columns (no fused gate)
 ):
     """Persistent variant for compute-bound shapes (fp16/bf16, Hopper): each program walks the
     output tiles num_programs apart. TMA fetches the tiles, and out-of-bounds rows and columns
-    read as 0, so the K loop has no masks. The tile and K loops are flattened into one
-    software pipeline that prefetches the next tile's operands while this tile's epilogue runs.
+    read as 0, so the K loop has no masks. With one accumulator the tile and K loops are
+    flattened into one software pipeline that prefetches the next tile's operands while this
+    tile's epilogue runs.
     EPILOGUE_SUBTILE > 1 runs the epilogue slice by slice (fewer live registers, each slice's
     store overlapping the next slice's math), as Triton's persistent-matmul tutorial does.
     SPLIT_K > 1 walks (tile, K slice) units instead, for problems whose tiles would fill the last
     round of SMs only in part (e.g. 192 tiles on 132 SMs); the last of a tile's units to finish
-    sums the partials and runs the epilogue (_split_k_sum)."""
+    sums the partials and runs the epilogue (_split_k_sum).
+    BLOCK_N_TAIL > 0 widens each tile by a second, narrower block of columns (blocks are powers
+    of two; the MMA's N need not be): 128 + 64 columns make N = 768 four tiles wide, so 4096 rows
+    are 128 tiles, one round of 132 SMs, where 128-column tiles would take 192 (two rounds, the
+    second 45% full)."""
+    tl.static_assert(BLOCK_N_TAIL == 0 or not FUSED_GATE, "a tile's tail has no up columns")
+    tl.static_assert(BLOCK_N_TAIL == 0 or SPLIT_K == 1, "a split tile's sum has no tail")
     wait_for_previous_grid(USE_PDL)
+    TILE_N: tl.constexpr = BLOCK_N + BLOCK_N_TAIL
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(N, TILE_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     # every unit runs the same number of K steps (steps past K read zeros): one trip count,
     # so Triton can flatten the unit and K loops into one software pipeline
@@ -667,7 +680,10 @@ def _matmul_tma_kernel(
         tl.program_id(0),
         num_pid_m * num_pid_n * SPLIT_K,
         tl.num_programs(0),
-        flatten=True,
+        # two accumulators (gate and up, or a tail): not flattened. Flattening resets them per
+        # tile with selects, on which ptxas serializes the wgmmas (warning C7515); unflattened,
+        # Llama's gate-up + SiLU*up ran at 0.99x cuBLAS against 0.81x
+        flatten=not FUSED_GATE and BLOCK_N_TAIL == 0,
         warp_specialize=WARP_SPECIALIZE,
     ):
         split = 0
@@ -680,9 +696,11 @@ def _matmul_tma_kernel(
             k_first = split * k_tiles_per_split
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_n = pid_n * TILE_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if BLOCK_N_TAIL > 0:
+            acc_tail = tl.zeros((BLOCK_M, BLOCK_N_TAIL), dtype=tl.float32)
         for ki in range(k_tiles_per_split):
             off_k = (k_first + ki) * BLOCK_K
             x = x_desc.load([off_m, off_k])
@@ -694,6 +712,11 @@ def _matmul_tma_kernel(
                 # gate rows past N read up rows (or zeros): those columns are never stored
                 acc_up = tl.dot(
                     x, w_desc.load([N + off_n, off_k]).T, acc_up,
+                    max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
+                )  # fmt: skip
+            if BLOCK_N_TAIL > 0:  # weight rows past N read zeros, as the main block's do
+                acc_tail = tl.dot(
+                    x, w_tail_desc.load([off_n + BLOCK_N, off_k]).T, acc_tail,
                     max_num_imprecise_acc=BLOCK_K if FP8_PROMOTE else None,
                 )  # fmt: skip
         # FP8 operands: the whole tile scaled before the epilogue's slices (else a no-op)
@@ -740,6 +763,21 @@ def _matmul_tma_kernel(
                 acc_1, up_1, off_m, off_n + HALF, rows, N, bias_ptr, res_ptr, out_ptr, out_desc,
                 res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, FUSED_GATE,
                 BLOCK_M, HALF, STORE_BY_TMA,
+            )  # fmt: skip
+        if BLOCK_N_TAIL > 0:
+            # through TMA where the output descriptor's block is the tail's shape
+            STORE_TAIL_BY_TMA: tl.constexpr = (
+                STORE_BY_TMA and BLOCK_N // EPILOGUE_SUBTILE == BLOCK_N_TAIL
+            )
+            acc_tail, _ = _fp8_scaled(
+                acc_tail, acc_tail, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
+                off_n.to(tl.int64) + BLOCK_N + tl.arange(0, BLOCK_N_TAIL), M, N, w_scale_ptr,
+                x_scale_ptr, False, W_FP8, X_FP8,
+            )  # fmt: skip
+            _tma_epilogue_slice(
+                acc_tail, acc_tail, off_m, off_n + BLOCK_N, rows, N, bias_ptr, res_ptr, out_ptr,
+                out_desc, res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                False, BLOCK_M, BLOCK_N_TAIL, STORE_TAIL_BY_TMA,
             )  # fmt: skip
 
 
@@ -898,6 +936,7 @@ def _fits(
     """Whether the accumulators fit in registers and the pipelined tiles in shared memory, with
     `programs` resident programs per SM."""
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    bn += config.kwargs.get("BLOCK_N_TAIL", 0)  # (a tail is never gated)
     acc_regs = bm * bn * n_acc // (32 * config.num_warps)  # fp32 accumulators per thread
     smem = config.num_stages * (bm * bk + bk * bn * n_acc) * elem_bytes
     threads = 32 * config.num_warps * programs
@@ -934,9 +973,11 @@ def _prune_configs(configs, named_args, **kwargs):
 
 def _set_tma_blocks(nargs):
     """A config's tile shape is the TMA descriptors' block shape (set before each launch)."""
-    x_block, w_block, out_block = _tma_blocks(nargs)
+    x_block, w_block, out_block, tail_block = _tma_blocks(nargs)
     nargs["x_desc"].block_shape = x_block
     nargs["w_desc"].block_shape = w_block
+    if tail_block is not None:
+        nargs["w_tail_desc"].block_shape = tail_block
     if nargs["out_desc"] is not None:
         nargs["out_desc"].block_shape = out_block
 
@@ -949,6 +990,7 @@ def _tma_config(
     num_warps: int,
     programs_per_sm: int = 1,
     split_k: int = 1,
+    tail: int = 0,
 ) -> triton.Config:
     meta = {
         "BLOCK_M": block_m,
@@ -957,6 +999,7 @@ def _tma_config(
         "GROUP_M": 8,
         "PROGRAMS_PER_SM": programs_per_sm,
         "SPLIT_K": split_k,
+        "BLOCK_N_TAIL": tail,
     }
     # each thread of a split tile's program releases its own partial stores (_split_k_sum)
     assert split_k == 1 or num_warps * 32 <= _SPLIT_K_ARRIVALS, "more threads than arrivals"
@@ -982,6 +1025,10 @@ _TMA_CONFIGS = [  # persistent TMA kernel, M > _TMA_MIN_M_BUCKET, fp16/bf16
     _tma_config(128, 128, 64, 4, 8, split_k=2),
     _tma_config(64, 128, 64, 4, 4, split_k=2),
     _tma_config(128, 64, 64, 4, 4, split_k=2),
+    # tiles of 128 + 64 columns where they fill the SMs' last round better than 128 columns do
+    # (_tma_tail_useful: e.g. N = 768 at 4096 rows, 128 tiles on 132 SMs instead of 192)
+    _tma_config(128, 128, 64, 3, 8, tail=64),
+    _tma_config(128, 128, 64, 4, 8, tail=64),
 ]
 _FP8_TMA_CONFIGS = [  # the same with FP8 operands: twice the K per byte of shared memory
     _tma_config(128, 256, 128, 3, 8),
@@ -1011,7 +1058,28 @@ _TMA_SPLIT_MIN_K_SLICE = 1024
 
 
 def _tma_tiles(config: dict, m: int, n: int) -> int:
-    return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+    tile_n = config["BLOCK_N"] + config.get("BLOCK_N_TAIL", 0)
+    return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, tile_n)
+
+
+def _last_round_fill(tiles: int, slots: int) -> float:
+    """The fraction of the SMs' rounds that `tiles` tiles keep busy (slots: programs at once)."""
+    return tiles / (triton.cdiv(tiles, slots) * slots)
+
+
+def _tma_tail_useful(config: dict, m_bucket: int, n: int, meta: dict, sms: int) -> bool:
+    """Whether a TMA config runs here: one with a tail of columns only for 16-bit operands
+    without the fused gate or warp specialization, where its wider tiles (of the M bucket) keep
+    the SMs' rounds busier than the same tiles without the tail would."""
+    if config.get("BLOCK_N_TAIL", 0) == 0:
+        return True
+    if meta["FUSED_GATE"] or meta["X_FP8"] or meta["WARP_SPECIALIZE"]:
+        return False
+    slots = sms * config["PROGRAMS_PER_SM"]
+    narrow = {**config, "BLOCK_N_TAIL": 0}
+    return _last_round_fill(_tma_tiles(config, m_bucket, n), slots) > _last_round_fill(
+        _tma_tiles(narrow, m_bucket, n), slots
+    )
 
 
 def _tma_split_useful(config: dict, m_bucket: int, n: int, k: int, meta: dict, sms: int) -> bool:
@@ -1041,6 +1109,7 @@ def _prune_tma_configs(configs, named_args, **kwargs):
         if (c in _FP8_TMA_CONFIGS) == args["X_FP8"]
         and _fits(c, n_acc, elem_bytes, smem_limit, programs=c.kwargs["PROGRAMS_PER_SM"])
         and _tma_split_useful(c.kwargs, args["M_BUCKET"], args["N"], args["K"], args, sms)
+        and _tma_tail_useful(c.kwargs, args["M_BUCKET"], args["N"], args, sms)
     ]
     return kept or [_tma_config(64, 64, 64, 2, 4)]
 
@@ -1162,13 +1231,25 @@ def _tma_variant(out: torch.Tensor | None, n: int, elem_bytes: int) -> dict:
     }
 
 
+def _elements_spanned(t: torch.Tensor | None) -> int:
+    """How many elements t's view spans, from its first to its last (0 for None)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
 def _takes_tma(
-    x2: torch.Tensor, weight: torch.Tensor, m_bucket: int, fp8_dot: bool = False
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    m_bucket: int,
+    fp8_dot: bool = False,
+    out_span: int = 0,
 ) -> bool:
     """Large-M fp16/bf16 problems on Hopper (and under the interpreter), when TMA can address
     both operands: 16-byte aligned bases and row strides. With fp8_dot the x operand is the
-    contiguous FP8 copy the launch makes (rows of K bytes)."""
-    if m_bucket <= _TMA_MIN_M_BUCKET:
+    contiguous FP8 copy the launch makes (rows of K bytes). out_span: the elements the output
+    and residual span, which the kernel's epilogue addresses with int32 offsets."""
+    if m_bucket <= _TMA_MIN_M_BUCKET or out_span >= 2**31:
         return False
     if not (INTERPRET or is_hopper_or_newer(x2.device)):
         return False
@@ -1394,7 +1475,8 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
 
     if w_fp8 and m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec"]:
         return _matvec_plan(n, k, out_shape, shared_meta, key)
-    if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot):
+    out_span = max(m * n, _elements_spanned(residual), _elements_spanned(out))
+    if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot, out_span):
         variant = _tma_variant(out, n, x.element_size())
         tma_meta = {**shared_meta, **variant, "FP8_PROMOTE": fp8_promote}
         key = (*key, *variant.values())
@@ -1537,11 +1619,12 @@ def _matvec_plan(n: int, k: int, out_shape, shared_meta: dict, key: tuple) -> _P
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
 
 
-def _tma_blocks(config) -> tuple[list[int], list[int], list[int]]:
+def _tma_blocks(config) -> tuple[list[int], list[int], list[int], list[int] | None]:
     """The TMA descriptors' block shapes for a config (meta with its tile and variant): x's and
-    the weight's tiles, and the output's epilogue slice."""
+    the weight's tiles, the output's epilogue slice, and the weight's tail (None without one)."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    return [bm, bk], [bn, bk], [bm, bn // config["EPILOGUE_SUBTILE"]]
+    tail = config.get("BLOCK_N_TAIL", 0)
+    return [bm, bk], [bn, bk], [bm, bn // config["EPILOGUE_SUBTILE"]], [tail, bk] if tail else None
 
 
 def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_scale) -> None:
@@ -1568,9 +1651,14 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_
     ws = None
     if plan.tma:
         # placeholder block shapes while tuning: each config's pre_hook sets its own
-        x_block, w_block, out_block = plan.tma_blocks or ([16, 16], [16, 16], [16, 16])
+        x_block, w_block, out_block, tail_block = plan.tma_blocks or ([16, 16],) * 4
         x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], x_block)
         w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], w_block)
+        w_tail_desc = w_desc  # unread without a tail
+        if tail_block is not None:
+            w_tail_desc = TensorDescriptor(
+                weight, list(weight.shape), [weight.stride(0), 1], tail_block
+            )
         out_desc = None
         meta = plan.main.meta if plan.main is not None else plan.tune[4]
         if meta["TMA_STORE"]:
@@ -1579,8 +1667,8 @@ def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_
         if plan.tma_split is not None and (plan.main is None or plan.main.meta["SPLIT_K"] > 1):
             ws_numel, counts = plan.tma_split
             split_ws = torch.empty(ws_numel, dtype=torch.float32, device=x2.device)
-        args = (x_desc, w_desc, bias_arg, res_arg, out2, out_desc, w_scale_arg, x_scale_arg,
-                split_ws, counts, m, n, k, _m_bucket(m), res_stride, out2.stride(0),
+        args = (x_desc, w_desc, w_tail_desc, bias_arg, res_arg, out2, out_desc, w_scale_arg,
+                x_scale_arg, split_ws, counts, m, n, k, _m_bucket(m), res_stride, out2.stride(0),
                 alpha)  # fmt: skip
     else:
         if plan.split_k > 1:

@@ -387,6 +387,64 @@ def test_tma_split_k_only_where_tiles_leave_sms_idle():
 
 
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize("variant", TMA_VARIANTS[:5])
+@pytest.mark.parametrize("n, has_bias, has_residual", [(104, True, True), (300, False, False)])
+def test_tma_tail_columns(monkeypatch, kernel_options, dtype, variant, n, has_bias, has_residual):
+    """The persistent TMA kernel with tiles one block plus a narrower tail of columns wide:
+    ragged M and N (N = 104 ends inside a tail, 300 inside a main block), every epilogue
+    variant (the tail stored through TMA where the output's block is its shape), the
+    reference's numbers and the default kernel's."""
+    m, k = 300, 72
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    b = rand(n, dtype=dtype) if has_bias else None
+    res = rand(m, n, dtype=dtype) if has_residual else None
+    default = matmul(x, w, b, activation="gelu", residual=res, alpha=0.5)
+    kernel_options(**variant)
+    tail = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_N_TAIL": 32}
+    monkeypatch.setattr(mm, "_INTERPRET_TMA_CONFIG", {**mm._INTERPRET_TMA_CONFIG, **tail})
+    tail_config = mm._tma_config(128, 128, 64, 3, 8, tail=64)
+    monkeypatch.setattr(mm, "_tma_tail_useful", lambda *args: True)
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [tail_config])
+    y = matmul(x, w, b, activation="gelu", residual=res, alpha=0.5)
+    assert_close(y, reference(x, w, b, "gelu", res, 0.5), TOL[dtype], f"TMA tail {variant}")
+    assert_close(y, default, TOL[dtype], f"TMA tail {variant} vs the default tiles")
+    assert torch.equal(matmul(x, w, b, activation="gelu", residual=res, alpha=0.5), y)
+    # on the GPU the plan's launch is fixed at its second call (the first one tunes)
+    (plan,) = [p for p in mm._plans.values() if p.tma and plan_meta(p).get("BLOCK_N_TAIL", 0) > 0]
+    assert plan.tma_blocks[3] == [plan_meta(plan)["BLOCK_N_TAIL"], plan_meta(plan)["BLOCK_K"]]
+
+
+def test_tma_only_where_int32_offsets_reach_the_output(monkeypatch):
+    """The TMA kernel's epilogue addresses the output and residual with int32 offsets: outputs
+    spanning 2**31 elements or more take the pointer kernel (int64 offsets)."""
+    x, w = torch.zeros(512, 64, dtype=torch.float16), torch.zeros(64, 64, dtype=torch.float16)
+    rows = torch.zeros(4, 10, dtype=torch.float16)[:, 2:7]  # 4 rows of 5, row stride 10
+    assert mm._elements_spanned(rows) == 35 and mm._elements_spanned(None) == 0
+    assert mm._elements_spanned(torch.zeros(3, 0)) == 0
+    monkeypatch.setattr(mm, "INTERPRET", True)  # TMA taken wherever the operands allow it
+    assert mm._takes_tma(x, w, 512, out_span=2**31 - 1)
+    assert not mm._takes_tma(x, w, 512, out_span=2**31)
+
+
+def test_tma_tail_only_where_it_fills_the_last_round():
+    """Tiles with a tail of columns are tried only for 16-bit operands without the fused gate
+    or warp specialization, where their rounds of the SMs are fuller than the narrower tiles'."""
+    tail = mm._tma_config(128, 128, 64, 3, 8, tail=64).kwargs
+    useful = mm._tma_tail_useful
+    meta = {"FUSED_GATE": False, "X_FP8": False, "WARP_SPECIALIZE": False}
+    assert useful(tail, 4096, 768, meta, 132)  # Bert down at 32x128: 128 tiles against 192
+    assert useful(tail, 4096, 2304, meta, 132)  # Bert QKV: 384 against 576
+    assert not useful(tail, 16384, 768, meta, 132)  # 512 against 768: both rounds ~full
+    assert not useful(tail, 1024, 768, meta, 132)  # 32 against 48: fewer SMs busy
+    assert not useful(tail, 2048, 4096, meta, 132)  # Llama o: 352 against 512
+    for name in meta:
+        assert not useful(tail, 4096, 768, {**meta, name: True}, 132)
+    assert useful(mm._tma_config(128, 128, 64, 3, 8).kwargs, 1024, 768, meta, 132)
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
 def test_tma_store_in_place_and_unaligned_outputs(monkeypatch, kernel_options, dtype):
     """TMA stores write an in-place residual add; an output whose rows TMA cannot address
     (37 halves: 74 bytes) keeps pointer stores under the same options."""
