@@ -164,7 +164,10 @@ def tma_split_case(case, configs: bool) -> dict:
             again = matmul_module.matmul(x, w, b, residual=res)
             best = tuner.best_config.kwargs
             row[f"{name}_us"] = 1e3 * bench(lambda: matmul_module.matmul(x, w, b, residual=res))
-            row[f"{name}_config"] = f"{best['BLOCK_M']}x{best['BLOCK_N']} split {best['SPLIT_K']}"
+            tail = f"+{best['BLOCK_N_TAIL']}" if best.get("BLOCK_N_TAIL", 0) else ""
+            row[f"{name}_config"] = (
+                f"{best['BLOCK_M']}x{best['BLOCK_N']}{tail} split {best['SPLIT_K']}"
+            )
             row[f"{name}_rel_error"] = float(
                 (y.float() - expected).abs().max() / expected.abs().max()
             )

@@ -22,6 +22,7 @@
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
 #   tma-split the projections where the persistent matmul may split K, tuned with and without it
+#             (the unsplit configs include the tiles with a column tail)
 #   speed     the kernel options measured (benchmarks/bench_options.py: epilogue variants of the
 #             large-M matmul + activation vs cuBLAS, decode tables at Llama-3-8B's batch 1..128),
 #             then under the winning options (or SPEED_OPTIONS="..." given as ZOO_KERNELS):
