@@ -668,6 +668,7 @@ def _matmul_tma_kernel(
     second 45% full)."""
     tl.static_assert(BLOCK_N_TAIL == 0 or not FUSED_GATE, "a tile's tail has no up columns")
     tl.static_assert(BLOCK_N_TAIL == 0 or SPLIT_K == 1, "a split tile's sum has no tail")
+    tl.static_assert(BLOCK_N_TAIL == 0 or not X_FP8, "a tail has 16-bit operands, unscaled")
     wait_for_previous_grid(USE_PDL)
     TILE_N: tl.constexpr = BLOCK_N + BLOCK_N_TAIL
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -769,11 +770,6 @@ def _matmul_tma_kernel(
             STORE_TAIL_BY_TMA: tl.constexpr = (
                 STORE_BY_TMA and BLOCK_N // EPILOGUE_SUBTILE == BLOCK_N_TAIL
             )
-            acc_tail, _ = _fp8_scaled(
-                acc_tail, acc_tail, off_m.to(tl.int64) + tl.arange(0, BLOCK_M),
-                off_n.to(tl.int64) + BLOCK_N + tl.arange(0, BLOCK_N_TAIL), M, N, w_scale_ptr,
-                x_scale_ptr, False, W_FP8, X_FP8,
-            )  # fmt: skip
             _tma_epilogue_slice(
                 acc_tail, acc_tail, off_m, off_n + BLOCK_N, rows, N, bias_ptr, res_ptr, out_ptr,
                 out_desc, res_stride_m, out_stride_m, alpha, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
