@@ -167,8 +167,18 @@ def _attn_fwd_kernel(
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous_grid(USE_PDL)
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    # one grid axis over (query block, batch * head): no 65535 limit on either count
+    pid = tl.program_id(0).to(tl.int64)
+    num_bh = tl.num_programs(0) // tl.cdiv(Tq, BLOCK_M)
+    if CAUSAL:
+        # the heads' last query blocks first, their first blocks last: the programs that visit
+        # the most keys start first and the shortest fill the SMs' last round
+        pid_bh = pid % num_bh
+        pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - pid // num_bh
+    else:
+        # a head's query blocks side by side: they read its keys and values while L2 holds them
+        pid_m = pid % tl.cdiv(Tq, BLOCK_M)
+        pid_bh = pid // tl.cdiv(Tq, BLOCK_M)
     b = pid_bh // Hq
     h = pid_bh % Hq
     h_kv = h // GROUP
@@ -485,18 +495,18 @@ def _plan(q, k, v, causal, kv_start, kv_end, bias, out, window, seq_offsets):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides[:3], *bias_strides,
         Tq, S, Hq, Hq // Hkv, D,
     )  # fmt: skip
-    # B * Hq is the grid's second axis: blocks tuned for one sequence leave SMs idle at 32
+    # the grid spans B * Hq heads: blocks tuned for one sequence leave SMs idle at 32
     buckets = (_bucket(Tq), _bucket(S), _bucket(B * Hq))
     if INTERPRET:
         # few, large programs: the interpreter pays per program instance
         block_m = min(max(next_pow2(Tq), 16), 32)
         block_n = 32
-        grid = (triton.cdiv(Tq, block_m), B * Hq)
+        grid = (triton.cdiv(Tq, block_m) * B * Hq,)
         launch = KernelLaunch(
             _attn_fwd_kernel, grid, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n}
         )
         return _Plan(meta, None, launch, no_lengths, sizes, buckets)
-    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq,)  # noqa: E731
     return _Plan(meta, grid, None, no_lengths, sizes, buckets)
 
 

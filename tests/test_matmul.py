@@ -416,6 +416,46 @@ def test_tma_tail_columns(monkeypatch, kernel_options, dtype, variant, n, has_bi
     assert plan.tma_blocks[3] == [plan_meta(plan)["BLOCK_N_TAIL"], plan_meta(plan)["BLOCK_K"]]
 
 
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize("variant", [
+    pytest.param(dict(epilogue_subtile=1, tma_store=1), id="tma-store"),
+    pytest.param(dict(epilogue_subtile=1, tma_store=0), id="pointer-store"),
+    pytest.param(dict(epilogue_subtile=2, tma_store=1), id="subtile2-tma-store"),
+])  # fmt: skip
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3, 8), (128, 128, 64, 4, 4)])
+def test_tma_residual_slices(monkeypatch, kernel_options, dtype, variant, tile):
+    """Tiles whose accumulator takes 128 registers per thread (128 x 256 with 8 warps, 128 x 128
+    with 4) read a residual in four column slices whatever the epilogue option says: ragged M
+    and N (N = 200 ends inside a slice), the reference's numbers and the one-slice epilogue's,
+    the output descriptor's block a slice; without a residual the option's slices stay."""
+    m, n, k = 300, 200, 72
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    b, res = rand(n, dtype=dtype), rand(m, n, dtype=dtype)
+    default = matmul(x, w, b, activation="gelu", residual=res, alpha=0.5)
+    kernel_options(**variant)
+    config = mm._tma_config(*tile)
+    assert config.kwargs["RESIDUAL_SLICES"] == 4
+    assert mm._tma_config(128, 128, 64, 4, 8).kwargs["RESIDUAL_SLICES"] == 1
+    monkeypatch.setattr(
+        mm, "_INTERPRET_TMA_CONFIG", {**mm._INTERPRET_TMA_CONFIG, "RESIDUAL_SLICES": 4}
+    )
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [config])
+    y = matmul(x, w, b, activation="gelu", residual=res, alpha=0.5)
+    assert_close(y, reference(x, w, b, "gelu", res, 0.5), TOL[dtype], f"TMA residual slices {tile}")
+    assert_close(y, default, TOL[dtype], f"TMA residual slices {tile} vs the default tiles")
+    assert torch.equal(matmul(x, w, b, activation="gelu", residual=res, alpha=0.5), y)
+    # on the GPU the plan's launch is fixed at its second call (the first one tunes)
+    (plan,) = [p for p in mm._plans.values() if p.tma and plan_meta(p)["HAS_RESIDUAL"]]
+    meta = plan_meta(plan)
+    assert mm._epilogue_slices(meta) == 4
+    assert plan.tma_blocks[2] == [meta["BLOCK_M"], meta["BLOCK_N"] // 4]
+    assert mm._epilogue_slices({**meta, "HAS_RESIDUAL": False}) == variant["epilogue_subtile"]
+    y = matmul(x, w, b, activation="gelu", alpha=0.5)  # no residual: the option's slices
+    assert_close(y, reference(x, w, b, "gelu", None, 0.5), TOL[dtype], f"TMA slices {tile}")
+
+
 def test_tma_only_where_int32_offsets_reach_the_output(monkeypatch):
     """The TMA kernel's epilogue addresses the output and residual with int32 offsets: outputs
     spanning 2**31 elements or more take the pointer kernel (int64 offsets)."""
