@@ -456,6 +456,29 @@ def test_tma_residual_slices(monkeypatch, kernel_options, dtype, variant, tile):
     assert_close(y, reference(x, w, b, "gelu", None, 0.5), TOL[dtype], f"TMA slices {tile}")
 
 
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
+@pytest.mark.parametrize(
+    "activation, has_residual", [("gelu", False), (None, True), ("silu_mul", False)]
+)
+def test_tma_two_programs_per_sm(monkeypatch, dtype, activation, has_residual):
+    """The persistent kernel launched with two programs per SM (128 x 128 tiles, 4 warps): more
+    tiles than programs, so each program walks several, against the reference."""
+    m, n_w, k = 1100, 400, 136
+    x, w = rand(m, k, dtype=dtype), rand(n_w, k, dtype=dtype)
+    if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
+        pytest.skip("TMA needs a Hopper (or newer) GPU")
+    b = rand(n_w, dtype=dtype)
+    n = n_w // 2 if activation == "silu_mul" else n_w
+    res = rand(m, n, dtype=dtype) if has_residual else None
+    config = mm._tma_config(128, 128, 64, 3, 4, 2)
+    assert config.kwargs in [c.kwargs for c in mm._TMA_CONFIGS]  # one the autotuner tries
+    assert config.kwargs["PROGRAMS_PER_SM"] == 2
+    fresh_tuning(monkeypatch, mm._matmul_tma_kernel_tuned, [config])
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    expected = reference(x, w, b, activation, res, 0.5)
+    assert_close(y, expected, TOL[dtype], f"TMA 2 programs per SM {activation}")
+
+
 def test_tma_only_where_int32_offsets_reach_the_output(monkeypatch):
     """The TMA kernel's epilogue addresses the output and residual with int32 offsets: outputs
     spanning 2**31 elements or more take the pointer kernel (int64 offsets)."""
