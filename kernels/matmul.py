@@ -876,14 +876,14 @@ _DECODE_CONFIGS = {
         _config(64, 32, 128, 4, 4),
         _config(64, 64, 256, 3, 8),
         _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 6, 4),  # Llama-3-8B's qkv and o at batch 64: 10% faster (H200)
+        _config(64, 64, 64, 6, 4),  # Llama-3-8B at batch 64 (H200): qkv 10% faster, o 2%
     ],
     128: [
         _config(128, 64, 64, 4, 4),
         _config(128, 64, 128, 3, 8),
         _config(128, 32, 128, 4, 4),
         _config(128, 128, 64, 3, 8),
-        _config(128, 128, 64, 4, 8),  # Llama-3-8B's gate-up and down at batch 128: 3-4% faster
+        _config(128, 128, 64, 4, 8),  # at batch 128: gate-up 3% faster, down 4%
     ],
 }
 _DECODE_BLOCK_N = 64  # the column block _decode_split_k sizes the split for
