@@ -416,18 +416,35 @@ def test_tma_tail_columns(monkeypatch, kernel_options, dtype, variant, n, has_bi
     assert plan.tma_blocks[3] == [plan_meta(plan)["BLOCK_N_TAIL"], plan_meta(plan)["BLOCK_K"]]
 
 
+def test_tma_residual_slices_per_config():
+    """A config reads a residual in four slices where its accumulator takes 128 registers per
+    thread (128 x 256 with 8 warps, 128 x 128 with 4), else in the epilogue option's."""
+    assert mm._tma_config(128, 256, 64, 3, 8).kwargs["RESIDUAL_SLICES"] == 4
+    assert mm._tma_config(128, 128, 64, 4, 4).kwargs["RESIDUAL_SLICES"] == 4
+    assert mm._tma_config(128, 128, 64, 4, 8).kwargs["RESIDUAL_SLICES"] == 1
+    assert mm._tma_config(128, 128, 64, 3, 8, tail=64).kwargs["RESIDUAL_SLICES"] == 1
+    meta = {"EPILOGUE_SUBTILE": 2, "HAS_RESIDUAL": True, "RESIDUAL_SLICES": 4}
+    assert mm._epilogue_slices(meta) == 4
+    assert mm._epilogue_slices({**meta, "HAS_RESIDUAL": False}) == 2
+    assert mm._epilogue_slices({**meta, "RESIDUAL_SLICES": 1}) == 2
+
+
+# the interpreter runs its own tile (with RESIDUAL_SLICES 4): one tile there
+RESIDUAL_SLICE_TILES = [(128, 128, 64, 4, 4)] + ([] if mm.INTERPRET else [(128, 256, 64, 3, 8)])
+
+
 @pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32])
 @pytest.mark.parametrize("variant", [
     pytest.param(dict(epilogue_subtile=1, tma_store=1), id="tma-store"),
     pytest.param(dict(epilogue_subtile=1, tma_store=0), id="pointer-store"),
     pytest.param(dict(epilogue_subtile=2, tma_store=1), id="subtile2-tma-store"),
 ])  # fmt: skip
-@pytest.mark.parametrize("tile", [(128, 256, 64, 3, 8), (128, 128, 64, 4, 4)])
+@pytest.mark.parametrize("tile", RESIDUAL_SLICE_TILES)
 def test_tma_residual_slices(monkeypatch, kernel_options, dtype, variant, tile):
-    """Tiles whose accumulator takes 128 registers per thread (128 x 256 with 8 warps, 128 x 128
-    with 4) read a residual in four column slices whatever the epilogue option says: ragged M
-    and N (N = 200 ends inside a slice), the reference's numbers and the one-slice epilogue's,
-    the output descriptor's block a slice; without a residual the option's slices stay."""
+    """Tiles whose accumulator takes 128 registers per thread read a residual in four column
+    slices whatever the epilogue option says: ragged M and N (N = 200 ends inside a slice), the
+    reference's numbers and the one-slice epilogue's, the output descriptor's block a slice;
+    without a residual the option's slices stay."""
     m, n, k = 300, 200, 72
     x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype)
     if not (mm.INTERPRET or mm.is_hopper_or_newer(x.device)):
@@ -437,7 +454,6 @@ def test_tma_residual_slices(monkeypatch, kernel_options, dtype, variant, tile):
     kernel_options(**variant)
     config = mm._tma_config(*tile)
     assert config.kwargs["RESIDUAL_SLICES"] == 4
-    assert mm._tma_config(128, 128, 64, 4, 8).kwargs["RESIDUAL_SLICES"] == 1
     monkeypatch.setattr(
         mm, "_INTERPRET_TMA_CONFIG", {**mm._INTERPRET_TMA_CONFIG, "RESIDUAL_SLICES": 4}
     )
