@@ -169,16 +169,17 @@ def _attn_fwd_kernel(
     wait_for_previous_grid(USE_PDL)
     # one grid axis over (query block, batch * head): no 65535 limit on either count
     pid = tl.program_id(0).to(tl.int64)
-    num_bh = tl.num_programs(0) // tl.cdiv(Tq, BLOCK_M)
+    num_m = tl.cdiv(Tq, BLOCK_M)
     if CAUSAL:
         # the heads' last query blocks first, their first blocks last: the programs that visit
         # the most keys start first and the shortest fill the SMs' last round
+        num_bh = tl.num_programs(0) // num_m
         pid_bh = pid % num_bh
-        pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - pid // num_bh
+        pid_m = num_m - 1 - pid // num_bh
     else:
         # a head's query blocks side by side: they read its keys and values while L2 holds them
-        pid_m = pid % tl.cdiv(Tq, BLOCK_M)
-        pid_bh = pid // tl.cdiv(Tq, BLOCK_M)
+        pid_m = pid % num_m
+        pid_bh = pid // num_m
     b = pid_bh // Hq
     h = pid_bh % Hq
     h_kv = h // GROUP

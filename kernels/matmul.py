@@ -935,6 +935,11 @@ _INTERPRET_TMA_CONFIG = {
 _TINY_WEIGHT = 1 << 18  # elements; below this every config is about as fast: skip the tuning
 
 
+def _acc_regs(block_m: int, block_n: int, num_warps: int, n_acc: int = 1) -> int:
+    """fp32 accumulator registers per thread of a [block_m, block_n] tile (n_acc of them)."""
+    return block_m * block_n * n_acc // (32 * num_warps)
+
+
 def _fits(
     config: triton.Config, n_acc: int, elem_bytes: int, smem_limit: int, programs: int = 1
 ) -> bool:
@@ -942,7 +947,7 @@ def _fits(
     `programs` resident programs per SM."""
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     bn += config.kwargs.get("BLOCK_N_TAIL", 0)  # (a tail is never gated)
-    acc_regs = bm * bn * n_acc // (32 * config.num_warps)  # fp32 accumulators per thread
+    acc_regs = _acc_regs(bm, bn, config.num_warps, n_acc)
     smem = config.num_stages * (bm * bk + bk * bn * n_acc) * elem_bytes
     threads = 32 * config.num_warps * programs
     # 64K registers per SM, and a thread may take up to 255 of them
@@ -997,9 +1002,9 @@ def _tma_config(
     split_k: int = 1,
     tail: int = 0,
 ) -> triton.Config:
-    # fp32 accumulator registers per thread (a tail's too; gated tiles have two accumulators
-    # but no residual in the models): at 128 a residual is read in four slices
-    acc_regs = block_m * (block_n + tail) // (32 * num_warps)
+    # at 128 accumulator registers per thread (a tail's included; gated tiles have two
+    # accumulators but no residual in the models) a residual is read in four slices
+    acc_regs = _acc_regs(block_m, block_n + tail, num_warps)
     meta = {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
