@@ -898,28 +898,27 @@ _FP8_WEIGHT_CONFIGS = [
 ]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
 # FP8 weights at M = 1 (_matvec_fp8_kernel, kernel option fp8_matvec): rows per program and
-# bytes of each row per step; small row blocks give the SMs enough programs without a K split.
+# bytes of each row per step. Programs of one warp and 2-4 rows lead: at Llama-3-8B's shapes on an
+# H200 (four layers' weights, past L2) the gate-up weight reads in 30.7 us, 90% of the copy
+# bandwidth, against 35.4 with the earlier configs (4-8 warps, 4-32 rows), down in 16.8 against
+# 18.1 (benchmarks/results/nvidia-h200_fp8_matvec_sweep.log): an SM holds more of them, each with
+# its own loads in flight, and their sums need no cross-warp reduction.
 _MATVEC_CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
     for block_n, block_k, warps, stages in [
+        (2, 1024, 1, 1),
+        (4, 512, 1, 1),
+        (2, 2048, 2, 1),
+        (8, 512, 2, 1),
         (8, 512, 4, 1),
-        (8, 1024, 4, 1),
-        (16, 512, 4, 1),
-        (16, 1024, 4, 1),
-        (16, 1024, 8, 1),
-        (32, 512, 4, 1),
-        (32, 1024, 8, 1),
-        (16, 2048, 8, 1),
-        (8, 1024, 4, 3),
-        (16, 512, 4, 3),
-        # longer steps: more bytes in flight per program where the rows are few
-        (8, 2048, 4, 1),
         (4, 2048, 4, 1),
-        (4, 4096, 4, 1),
+        (16, 512, 4, 1),
         (8, 4096, 8, 1),
     ]
 ]
 _INTERPRET_MATVEC_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
+# the split-K epilogue's grid (_splitk_epilogue)
+_SPLITK_EPILOGUE_PROGRAMS_PER_SM = 2
 _MATVEC_SPLIT_MAX_ROWS = 8192  # rows x K slices: 1024 programs of 8 rows
 _MATVEC_MIN_K_SLICE = 4096
 _FP8_FALLBACK_CONFIG = _config(64, 64, 64, 2, 4)
@@ -1491,7 +1490,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
            w_fp8, fp8_dot, fp8_promote)  # fmt: skip
 
     if w_fp8 and m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec"]:
-        return _matvec_plan(n, k, out_shape, shared_meta, key)
+        return _matvec_plan(n, k, out_shape, shared_meta, key, x.device)
     out_span = max(m * n, _elements_spanned(residual), _elements_spanned(out))
     if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot, out_span):
         variant = _tma_variant(out, n, x.element_size())
@@ -1555,7 +1554,9 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
 
     epilogue = None
     if split_k > 1:
-        epilogue = _splitk_epilogue(m, n, split_k, shared_meta, block_m=32 if INTERPRET else 16)
+        epilogue = _splitk_epilogue(
+            m, n, split_k, shared_meta, block_m=32 if INTERPRET else 16, device=x.device
+        )
     if INTERPRET:
         # the interpreter's fixed config: a decode table's first entry where that table is on
         config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
@@ -1589,9 +1590,17 @@ def _plan_row_args(plan: _Plan, x, weight, bias, residual, out) -> _Plan:
     return plan
 
 
-def _splitk_epilogue(m: int, n: int, split_k: int, shared_meta: dict, block_m: int) -> KernelLaunch:
-    """The launch of _splitk_epilogue_kernel summing split_k fp32 partials of an [m, n] output."""
+def _splitk_epilogue(
+    m: int, n: int, split_k: int, shared_meta: dict, block_m: int, device: torch.device
+) -> KernelLaunch:
+    """The launch of _splitk_epilogue_kernel summing split_k fp32 partials of an [m, n] output.
+    Its columns per program shrink (down to 32) until the grid has _SPLITK_EPILOGUE_PROGRAMS_PER_SM
+    programs per SM: at decode sizes the partials are a few MB, read fast only by many programs."""
     block_n = 128 if INTERPRET else 256
+    if not INTERPRET:
+        wanted = _SPLITK_EPILOGUE_PROGRAMS_PER_SM * num_sms(device)
+        while block_n > 32 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < wanted:
+            block_n //= 2
     return KernelLaunch(
         _splitk_epilogue_kernel,
         (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
@@ -1614,7 +1623,9 @@ def _matvec_split_k(n_rows: int, k: int) -> int:
     return split_k
 
 
-def _matvec_plan(n: int, k: int, out_shape, shared_meta: dict, key: tuple) -> _Plan:
+def _matvec_plan(
+    n: int, k: int, out_shape, shared_meta: dict, key: tuple, device: torch.device
+) -> _Plan:
     """One row of x times an FP8 weight: _matvec_fp8_kernel, BLOCK_N rows of the weight per
     program, and K split where the rows are few (the slices summed by _splitk_epilogue_kernel)."""
     n_rows = 2 * n if shared_meta["FUSED_GATE"] else n
@@ -1627,7 +1638,7 @@ def _matvec_plan(n: int, k: int, out_shape, shared_meta: dict, key: tuple) -> _P
 
     epilogue = None
     if split_k > 1:
-        epilogue = _splitk_epilogue(1, n, split_k, shared_meta, block_m=1)
+        epilogue = _splitk_epilogue(1, n, split_k, shared_meta, block_m=1, device=device)
     if INTERPRET:
         config = _INTERPRET_MATVEC_CONFIG
         main = KernelLaunch(_matvec_fp8_kernel, grid(config), {**meta, **config})

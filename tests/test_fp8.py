@@ -141,6 +141,49 @@ def test_fp8_matmul_against_reference(dtype, m, activation, static):
     assert_close(y, expected, rtol, f"fp8 matmul m={m} k={k}")
 
 
+def _matvec_cases():
+    """(config, activation) for every matrix-vector config the autotuner keeps for that mode."""
+    configs = matmul_module._MATVEC_CONFIGS if DEVICE == "cuda" else []
+    return [
+        pytest.param(
+            config,
+            activation,
+            id=f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}-{activation}",
+        )
+        for config in configs
+        for activation in (None, "silu_mul")
+        if matmul_module._prune_matvec_configs(
+            [config], {"N": 1 << 20, "K": 1}, FUSED_GATE=activation is not None
+        )
+    ]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs its own matrix-vector config")
+@pytest.mark.parametrize("config, activation", _matvec_cases())
+def test_matvec_configs(monkeypatch, config, activation):
+    """Each config of the matrix-vector table (FP8 weights at M = 1) in bf16, K split in two
+    uneven slices (summed by the split-K epilogue, whose grid shrinks its column blocks at this
+    size): odd N and K, bias, residual and alpha, against the dequantized reference."""
+    tuner = matmul_module._matvec_fp8_kernel_tuned
+    monkeypatch.setattr(tuner, "configs", [config])
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(matmul_module, "_tuned_configs", {})
+    monkeypatch.setattr(matmul_module, "_matvec_split_k", lambda n_rows, k: 2)
+    dtype = torch.bfloat16
+    k, n = 3000, 1202
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE)
+    weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
+    bias = torch.randn(n, dtype=dtype, device=DEVICE)
+    n_out = n // 2 if activation else n
+    residual = torch.randn(1, n_out, dtype=dtype, device=DEVICE)
+    y = matmul(
+        x, weight, bias, activation=activation, residual=residual, alpha=0.5, weight_scale=scale
+    )
+    assert list(matmul_module._tuned_configs.values()) == [config]
+    expected = _reference(x, weight, scale, bias, activation, residual, 0.5, None)
+    assert_close(y, expected, KERNEL_RTOL[dtype], f"matvec config {config} {activation}")
+
+
 @pytest.mark.parametrize(
     "options, m, activation",
     [

@@ -225,6 +225,25 @@ def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config
     assert_close(y, y_off, TOL[dtype], "decode table on vs off")
 
 
+def test_splitk_epilogue_grid_fills_the_sms(monkeypatch):
+    """On the GPU the split-K epilogue halves its column blocks (256 down to 32) until its grid has
+    two programs per SM: Llama-3-8B's o projection at batch 32 sums its partials in 256 programs
+    of 16 x 32, not 32 of 16 x 256; the batch-128 grid stops at 64 columns, a large one stays at
+    256. The interpreter keeps its 128."""
+    monkeypatch.setattr(mm, "INTERPRET", False)
+    monkeypatch.setattr(mm, "num_sms", lambda device: 132)
+    device = torch.device("cpu")
+    grids = {
+        (m, n): mm._splitk_epilogue(m, n, 4, {}, block_m=16, device=device).grid
+        for m, n in [(32, 4096), (128, 4096), (1024, 4096), (1, 4096)]
+    }
+    assert grids == {(32, 4096): (2, 128), (128, 4096): (8, 64), (1024, 4096): (64, 16),
+                     (1, 4096): (1, 128)}  # fmt: skip
+    assert mm._splitk_epilogue(1, 4096, 2, {}, block_m=1, device=device).meta["BLOCK_N"] == 32
+    monkeypatch.setattr(mm, "INTERPRET", True)
+    assert mm._splitk_epilogue(32, 4096, 4, {}, block_m=16, device=device).meta["BLOCK_N"] == 128
+
+
 def test_decode_table_covers_only_decode_buckets(kernel_options):
     kernel_options(matmul_decode_table=1)
     assert [mm._config_table(b) for b in (1, 16, 32, 64, 128, 256, 512)] == (
