@@ -38,6 +38,10 @@
 #             then FP8 weights at real size: error against HF fp32 and top-1 beside bf16's, and
 #             against the fp32 model with the same FP8 weights dequantized (benchmarks/accuracy.py)
 #   fp8-profile   the kernels of an FP8 Llama-3-8B prefill and decode step: matmuls all ours
+#   sweeps    the decode kernels' launch choices one by one (benchmarks/sweep_decode.py:
+#             attention blocks and splits, FP8 matrix-vector configs, the split-K epilogue's grid)
+#   timeline  each kernel's exclusive share of a CUDA-graph decode step, bf16 batch 1 and 32,
+#             FP8 batch 1 (benchmarks/sweep_decode.py timeline)
 # Each stage is meant to fit in one 10-minute device call on its own (PEERS=1 stages: one per
 # call); every stage prints its duration.
 # Logs and JSON go to $OUT (the benchmarks' tables to $OUT/bench.log); with PEERS=1 the HF peer
@@ -136,6 +140,13 @@ for stage in "$@"; do
       python benchmarks/accuracy.py --models llama3-8b,gpt2 --fp8 --out "$OUT/accuracy_fp8.json" 2>&1 | grep -v "Writing model shards" | tee "$OUT/accuracy_fp8.log" ;;
     fp8-profile)
       python benchmarks/profile_kernels.py --model llama3-8b --quantize fp8 2>&1 | tee "$OUT/profile_fp8.log" ;;
+    sweeps)
+      for what in attention matvec epilogue; do
+        python benchmarks/sweep_decode.py "$what" 2>&1 | tee "$OUT/sweep_$what.log"
+      done ;;
+    timeline)
+      python benchmarks/sweep_decode.py timeline --batches 1,32 2>&1 | tee "$OUT/timeline.log"
+      python benchmarks/sweep_decode.py timeline --quantize fp8 --batches 1 2>&1 | tee -a "$OUT/timeline.log" ;;
     kernels)
       python benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     tma-split)
