@@ -207,7 +207,8 @@ def _launch_config(block_d: int, elem_size: int) -> tuple[int, int, int]:
     stages take 48 KB of shared memory (bf16, D=128), so four programs share an SM and keep more of
     the cache's loads in flight. On an H200 (Llama-3-8B, context 544, 32 layers) against 64-key
     blocks: batch 32 unsplit 643 us against 870 (84% of the KV-read floor against 62%), batch 64
-    1162 against 1339, batch 128 2200 against 2256; batch 1 and 8 within 5% either way
+    1162 against 1339, batch 128 2200 against 2256, batch 8 (3 splits) 305 against 309; batch 1
+    (17 splits) 164 against 148-169 for 64-key blocks in 12 and 8 splits
     (benchmarks/results/nvidia-h200_decode_attention_sweep.log)."""
     if INTERPRET:
         return 32, 4, 1
