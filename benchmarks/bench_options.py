@@ -24,6 +24,7 @@ covers; otherwise today's choice stays.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -210,6 +211,15 @@ def decode_matmul_row(batch: int, layers, head, roofline: Roofline) -> dict:
     return row
 
 
+def attention_step(q, caches, kv_end, out, num_splits: int | None) -> None:
+    """Decode attention over each layer's cache ([2, B, Hkv, S, D]: keys, values) in turn."""
+    for cache in caches:
+        k, v = cache[0].transpose(1, 2), cache[1].transpose(1, 2)  # [B, S, Hkv, D] views
+        decode_module.decode_attention(
+            q, k, v, scale=HEAD_DIM**-0.5, kv_end=kv_end, num_splits=num_splits, out=out
+        )
+
+
 def decode_attention_row(batch: int, roofline: Roofline) -> dict:
     """Split-KV decode attention over NUM_LAYERS layers' caches at one batch: the default split,
     the table's, and fixed split counts."""
@@ -222,12 +232,7 @@ def decode_attention_row(batch: int, roofline: Roofline) -> dict:
     kv_end = torch.full((batch,), CONTEXT, dtype=torch.int32, device=dev)
     out = torch.empty_like(q)
 
-    def step(num_splits):
-        for cache in caches:
-            k, v = cache[0].transpose(1, 2), cache[1].transpose(1, 2)  # [B, S, Hkv, D] views
-            decode_module.decode_attention(
-                q, k, v, scale=HEAD_DIM**-0.5, kv_end=kv_end, num_splits=num_splits, out=out
-            )
+    step = functools.partial(attention_step, q, caches, kv_end, out)
 
     block_n = decode_module._launch_config(HEAD_DIM, 2)[0]
     row = {"batch": batch}

@@ -29,7 +29,17 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_options import CACHE_SLOTS, CONTEXT, HEAD_DIM, KV_HEADS, Q_HEADS  # noqa: E402
+from bench_options import (  # noqa: E402
+    CACHE_SLOTS,
+    CONTEXT,
+    HEAD_DIM,
+    KV_HEADS,
+    LAYER_PROJECTIONS,
+    LAYERS,
+    NUM_LAYERS,
+    Q_HEADS,
+    attention_step,
+)
 from common import measure_copy_bandwidth  # noqa: E402
 
 import kernels.decode as decode_module  # noqa: E402
@@ -37,7 +47,6 @@ import kernels.matmul as matmul_module  # noqa: E402
 from convert.fp8 import quantize_rows  # noqa: E402
 from kernels.launch import clear_plans  # noqa: E402
 
-NUM_LAYERS, LAYERS = 32, 4
 ATTENTION_CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 4), (32, 2, 3), (64, 8, 3),
                      (128, 8, 2), (128, 4, 2), (16, 4, 4), (64, 2, 3)]  # fmt: skip
 MATVEC_CONFIGS = [(8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (16, 1024, 4, 1),
@@ -47,23 +56,12 @@ MATVEC_CONFIGS = [(8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (16, 1024, 4
                   (4, 512, 1, 1), (2, 2048, 2, 1), (8, 256, 2, 2), (16, 256, 4, 2),
                   (4, 1024, 4, 2), (8, 512, 4, 2), (2, 1024, 1, 1), (1, 4096, 4, 1),
                   (2, 4096, 4, 1), (16, 128, 4, 4)]  # fmt: skip
-# (label, weight rows, K, activation, residual)
-PROJECTIONS = [("qkv", 6144, 4096, None, False), ("o", 4096, 4096, None, True),
-               ("gate-up", 28672, 4096, "silu_mul", False), ("down", 4096, 14336, None, True)]  # fmt: skip
 
 
 def graph_us(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
-
-
-def attention_step(q, caches, kv_end, out, splits: int) -> None:
-    for cache in caches:
-        k, v = cache[0].transpose(1, 2), cache[1].transpose(1, 2)  # [B, S, Hkv, D] views
-        decode_module.decode_attention(
-            q, k, v, scale=HEAD_DIM**-0.5, kv_end=kv_end, num_splits=splits, out=out
-        )
 
 
 def projections(x, weights, activation, residual) -> None:
@@ -111,7 +109,7 @@ def sweep_matvec(bandwidth: float) -> None:
     tuner, split_rule = matmul_module._matvec_fp8_kernel_tuned, matmul_module._matvec_split_k
     configs = tuner.configs
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
-    for name, n_w, k, activation, has_residual in PROJECTIONS:
+    for name, n_w, k, activation, has_residual in LAYER_PROJECTIONS:
         weights = [
             quantize_rows(torch.randn(n_w, k, device="cuda") / k**0.5) for _ in range(LAYERS)
         ]
@@ -153,7 +151,7 @@ def sweep_epilogue(bandwidth: float) -> None:
     programs_per_sm = matmul_module._SPLITK_EPILOGUE_PROGRAMS_PER_SM
     for fp8, batches in ((False, (1, 8, 32, 64, 128)), (True, (1,))):
         for batch in batches:
-            for name, n_w, k, _, has_residual in PROJECTIONS:
+            for name, n_w, k, _, has_residual in LAYER_PROJECTIONS:
                 if name == "gate-up":
                     continue  # not split at these sizes
                 if fp8:
