@@ -99,6 +99,7 @@ def restart_tuning() -> None:
         matmul_module._matmul_kernel_tuned,
         matmul_module._matmul_tma_kernel_tuned,
         matmul_module._matvec_fp8_kernel_tuned,
+        matmul_module._matvec_kernel_tuned,
     ):
         tuner.cache.clear()
 

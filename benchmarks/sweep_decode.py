@@ -4,8 +4,9 @@ kept in benchmarks/results/<gpu>_*_sweep.log and cited where the choices are mad
 
 - attention: decode attention's (BLOCK_N, warps, stages) x split count at batch 1..128, over 32
   layers' caches at context 544 of 576 slots (kernels/decode.py, _launch_config).
-- matvec: the FP8 matrix-vector kernel's configs x K splits at batch 1, over 4 layers' weights
-  so they stream from HBM (kernels/matmul.py, _MATVEC_CONFIGS).
+- matvec: the matrix-vector kernel's configs x K splits at batch 1, bf16 weights beside the
+  tl.dot kernel's time (or FP8 weights, --quantize fp8), over 4 layers' weights so they stream
+  from HBM (kernels/matmul.py, _MATVEC_16BIT_CONFIGS and _MATVEC_CONFIGS).
 - epilogue: the split-K epilogue's grid, _SPLITK_EPILOGUE_PROGRAMS_PER_SM 0 (256-column blocks),
   1, 2 and 4, at the projections that split K (bf16 batch 1..128, FP8 batch 1).
 - timeline: a decode step replayed from its CUDA graph inside `generate`, traced by
@@ -44,11 +45,13 @@ from common import measure_copy_bandwidth  # noqa: E402
 
 import kernels.decode as decode_module  # noqa: E402
 import kernels.matmul as matmul_module  # noqa: E402
+import kernels.utils  # noqa: E402
 from convert.fp8 import quantize_rows  # noqa: E402
 from kernels.launch import clear_plans  # noqa: E402
 
 ATTENTION_CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 4), (32, 2, 3), (64, 8, 3),
                      (128, 8, 2), (128, 4, 2), (16, 4, 4), (64, 2, 3)]  # fmt: skip
+# (rows per program, bytes of each row per step, warps, stages)
 MATVEC_CONFIGS = [(8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (16, 1024, 4, 1),
                   (16, 1024, 8, 1), (32, 512, 4, 1), (32, 1024, 8, 1), (16, 2048, 8, 1),
                   (8, 1024, 4, 3), (16, 512, 4, 3), (8, 2048, 4, 1), (4, 2048, 4, 1),
@@ -105,23 +108,43 @@ def sweep_attention(bandwidth: float) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_matvec(bandwidth: float) -> None:
-    tuner, split_rule = matmul_module._matvec_fp8_kernel_tuned, matmul_module._matvec_split_k
-    configs = tuner.configs
+def sweep_matvec(bandwidth: float, quantize: str | None) -> None:
+    """FP8 weights (--quantize fp8), else bf16 weights: each config x split of the
+    matrix-vector kernel, and for bf16 the tl.dot kernel beside (kernel option matvec=0)."""
+    fp8 = quantize == "fp8"
+    tuner = matmul_module._matvec_fp8_kernel_tuned if fp8 else matmul_module._matvec_kernel_tuned
+    split_rule, configs = matmul_module._matvec_split_k, tuner.configs
+    options = dict(kernels.utils.KERNEL_OPTIONS)
+    elem_bytes = 1 if fp8 else 2
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     for name, n_w, k, activation, has_residual in LAYER_PROJECTIONS:
-        weights = [
-            quantize_rows(torch.randn(n_w, k, device="cuda") / k**0.5) for _ in range(LAYERS)
-        ]
+        if fp8:
+            weights = [
+                quantize_rows(torch.randn(n_w, k, device="cuda") / k**0.5) for _ in range(LAYERS)
+            ]
+        else:
+            weights = [
+                (torch.randn(n_w, k, device="cuda", dtype=x.dtype) / k**0.5, None)
+                for _ in range(LAYERS)
+            ]
         n = n_w // 2 if activation else n_w
         residual = torch.randn(1, n, device="cuda", dtype=x.dtype) if has_residual else None
-        floor_us = 1e6 * n_w * k / bandwidth
+        floor_us = 1e6 * n_w * k * elem_bytes / bandwidth
+        step = functools.partial(projections, x[:, :k], weights, activation, residual)
         cells, best = [], (float("inf"), None)
+        if not fp8:  # the tl.dot kernel, tuned over its own configs
+            kernels.utils.set_kernel_options(**{**options, "matvec": 0})
+            matmul_module._tuned_configs.clear()
+            clear_plans()
+            us = graph_us(step) / LAYERS
+            cells.append(f"tl.dot: {us:.1f} {100 * floor_us / us:.0f}%")
+            kernels.utils.set_kernel_options(**{**options, "matvec": 1})
         for split in (1, 2, 4):
             matmul_module._matvec_split_k = lambda n_rows, k, split=split: split
-            for block_n, block_k, warps, stages in MATVEC_CONFIGS:
+            for block_n, row_bytes, warps, stages in MATVEC_CONFIGS:
+                block_k = row_bytes // elem_bytes
                 if (
-                    block_n * block_k * (2 if activation else 1) > 128 * 32 * warps
+                    block_n * row_bytes * (2 if activation else 1) > 128 * 32 * warps
                     or k < split * block_k
                 ):
                     continue  # pruned by the autotuner, or a slice shorter than one step
@@ -130,18 +153,18 @@ def sweep_matvec(bandwidth: float) -> None:
                 tuner.cache.clear()
                 matmul_module._tuned_configs.clear()
                 clear_plans()
-                step = functools.partial(projections, x[:, :k], weights, activation, residual)
                 us = graph_us(step) / LAYERS
                 label = f"s{split} {block_n}x{block_k} w{warps} st{stages}"
                 cells.append(f"{label}: {us:.1f} {100 * floor_us / us:.0f}%")
                 best = min(best, (us, label))
         print(
-            f"{name}: floor {floor_us:.1f}us best {best[0]:.1f}us {best[1]} "
+            f"{quantize or 'bf16'} {name}: floor {floor_us:.1f}us best {best[0]:.1f}us {best[1]} "
             f"({100 * floor_us / best[0]:.0f}%), default split {split_rule(n_w, k)}",
             flush=True,
         )
         print("   " + "; ".join(cells), flush=True)
     tuner.configs, matmul_module._matvec_split_k = configs, split_rule
+    kernels.utils.set_kernel_options(**options)
     tuner.cache.clear()
     matmul_module._tuned_configs.clear()
     clear_plans()
@@ -248,7 +271,9 @@ def timeline(quantize: str | None, batches: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["attention", "matvec", "epilogue", "timeline"])
-    parser.add_argument("--quantize", choices=["fp8"], default=None, help="timeline: FP8 weights")
+    parser.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="timeline, matvec: FP8 weights"
+    )
     parser.add_argument("--batches", default="1,32,128", help="timeline: batch sizes")
     args = parser.parse_args()
     started = time.time()
@@ -257,9 +282,10 @@ def main() -> None:
     else:
         bandwidth = measure_copy_bandwidth()
         print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-        {"attention": sweep_attention, "matvec": sweep_matvec, "epilogue": sweep_epilogue}[
-            args.what
-        ](bandwidth)
+        if args.what == "matvec":
+            sweep_matvec(bandwidth, args.quantize)
+        else:
+            {"attention": sweep_attention, "epilogue": sweep_epilogue}[args.what](bandwidth)
     print(f"took {time.time() - started:.0f}s")
 
 

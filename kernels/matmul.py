@@ -15,8 +15,10 @@ Layout assumptions:
 - Products accumulate in fp32; fp32 inputs use IEEE fp32 products (not tf32), as torch does.
   The epilogue runs in fp32 and rounds once to the output dtype (HF rounds the linear's output
   before adding the residual; ours is the more exact of the two).
-- FP8 weights: at M = 1 a matrix-vector kernel streams them without tensor cores (option
-  fp8_matvec; long rows split along K, fp8_matvec_split_k); converted in registers at other small
+- M = 1 (decode at batch 1): a matrix-vector kernel streams the weight's rows without tensor
+  cores (options matvec, and fp8_matvec for FP8 weights; long rows split along K,
+  fp8_matvec_split_k).
+- FP8 weights: at M = 1 the matrix-vector kernel above; converted in registers at other small
   M, as the dot's left operand (out^T = W x^T, fp8_swap_ab); at large M on Hopper x is quantized
   per row (kernels/quantize.py) and the dot runs on the FP8 tensor cores, which add products
   with fewer mantissa bits than fp32 (about 14): each BLOCK_K slice's sum is added into the fp32
@@ -403,14 +405,14 @@ def _matmul_kernel(
 
 
 @triton.jit
-def _matvec_fp8_kernel(
+def _matvec_kernel(
     x_ptr,  # [1, K], unit column stride
-    w_ptr,  # float8_e4m3fn [N, K] or fused [2N, K], row stride w_stride_n, unit column stride
+    w_ptr,  # [N, K] or fused [2N, K] (x's dtype, or float8_e4m3fn), row stride w_stride_n
     bias_ptr,  # [N] or fused [2N]
     res_ptr,  # [1, N]
     out_ptr,  # [1, N]
     ws_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N or 2N]
-    w_scale_ptr,  # fp32 [N or 2N], the weight's row scales
+    w_scale_ptr,  # W_FP8: fp32 [N or 2N], the weight's row scales
     x_scale_ptr,  # (unused: the arguments are _matmul_kernel's, one launch path for both)
     M,  # 1
     N,  # output columns (I for the fused gated activations)
@@ -427,19 +429,20 @@ def _matvec_fp8_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
+    W_FP8: tl.constexpr,  # weight float8_e4m3fn, scaled per row in the epilogue
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials of K slices to ws, _splitk_epilogue_kernel sums them
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One row of x times an FP8 weight (decode at batch 1), without tensor cores.
+    """One row of x times a weight (decode at batch 1), without tensor cores.
 
-    At M = 1 a tl.dot pads x to 16 rows and must stage each converted weight tile through shared
-    memory; reading the weight is all that counts here. Each program streams BLOCK_N whole rows of
-    the weight, [BLOCK_N, BLOCK_K] bytes per step, converts them to fp32 in registers and reduces
+    At M = 1 a tl.dot pads x to 16 rows and stages each weight tile through shared memory;
+    reading the weight is all that counts here. Each program streams BLOCK_N whole rows of the
+    weight, [BLOCK_N, BLOCK_K] elements per step, converts them to fp32 in registers and reduces
     each step's products along K into one fp32 sum per row: registers hold loads, not partial
-    products, so many bytes stay in flight. The row scales and the rest apply in the epilogue.
-    A weight of few but long rows (Llama's down projection) is split along K as well
+    products, so many bytes stay in flight. The row scales (FP8) and the rest apply in the
+    epilogue. A weight of few but long rows (Llama's down projection) is split along K as well
     (_matvec_split_k): its rows alone give too few programs to keep enough bytes in flight."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     # this program's K slice: whole BLOCK_K steps, so the slices never overlap
@@ -471,7 +474,7 @@ def _matvec_fp8_kernel(
         _epilogue(
             acc[None, :], acc_up[None, :], offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
             res_stride_m, out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS,
-            HAS_RESIDUAL, FUSED_GATE, True, False,
+            HAS_RESIDUAL, FUSED_GATE, W_FP8, False,
         )  # fmt: skip
     else:  # row 0 of ws[slice]: gate (or only) sums at n, up sums at N + n
         ws_ptrs = ws_ptr + tl.program_id(1) * ws_stride_split + offs_n
@@ -897,25 +900,34 @@ _FP8_WEIGHT_CONFIGS = [
     _config(32, 64, 256, 3, 4),
 ]
 _FALLBACK_CONFIG = _config(16, 32, 64, 2, 4)  # fits any dtype and gate mode
-# FP8 weights at M = 1 (_matvec_fp8_kernel, kernel option fp8_matvec): rows per program and
-# bytes of each row per step. Programs of one warp and 2-4 rows lead: at Llama-3-8B's shapes on an
-# H200 (four layers' weights, past L2) the gate-up weight reads in 30.7 us, 90% of the copy
-# bandwidth, against 35.4 with the earlier configs (4-8 warps, 4-32 rows), down in 16.8 against
-# 18.1 (benchmarks/results/nvidia-h200_fp8_matvec_sweep.log): an SM holds more of them, each with
-# its own loads in flight, and their sums need no cross-warp reduction.
-_MATVEC_CONFIGS = [
-    triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
-    for block_n, block_k, warps, stages in [
-        (2, 1024, 1, 1),
-        (4, 512, 1, 1),
-        (2, 2048, 2, 1),
-        (8, 512, 2, 1),
-        (8, 512, 4, 1),
-        (4, 2048, 4, 1),
-        (16, 512, 4, 1),
-        (8, 4096, 8, 1),
+
+
+def _matvec_configs(row_steps: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+        for block_n, block_k, warps, stages in row_steps
     ]
-]
+
+
+# M = 1 (_matvec_kernel; kernel options fp8_matvec and matvec): (rows per program, elements of
+# each row per step, warps, stages). FP8 weights: programs of one warp and 2-4 rows lead: at
+# Llama-3-8B's shapes on an H200 (four layers' weights, past L2) the gate-up weight reads in
+# 30.7 us, 90% of the copy bandwidth, against 35.4 with the earlier configs (4-8 warps, 4-32
+# rows), down in 16.8 against 18.1 (benchmarks/results/nvidia-h200_fp8_matvec_sweep.log): an SM
+# holds more of them, each with its own loads in flight, and their sums need no cross-warp
+# reduction.
+_MATVEC_CONFIGS = _matvec_configs(
+    [(2, 1024, 1, 1), (4, 512, 1, 1), (2, 2048, 2, 1), (8, 512, 2, 1), (8, 512, 4, 1),
+     (4, 2048, 4, 1), (16, 512, 4, 1), (8, 4096, 8, 1)]
+)  # fmt: skip
+# 16-bit (and fp32) weights: one-warp programs of 2-4 rows lead here too. Llama-3-8B on an H200,
+# bf16, four layers' weights (benchmarks/results/nvidia-h200_matvec_sweep.log): qkv 14.3 us
+# against the tl.dot kernel's 14.8, o 10.1 against 11.5, gate-up 55.7 (99% of the copy
+# bandwidth) against 60.7, down 29.5 against 30.8.
+_MATVEC_16BIT_CONFIGS = _matvec_configs(
+    [(2, 512, 1, 1), (4, 256, 1, 1), (2, 2048, 4, 1), (4, 1024, 4, 1), (2, 1024, 2, 1),
+     (1, 2048, 4, 1)]
+)  # fmt: skip
 _INTERPRET_MATVEC_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
 # the split-K epilogue's grid (_splitk_epilogue)
 _SPLITK_EPILOGUE_PROGRAMS_PER_SM = 2
@@ -1174,29 +1186,39 @@ _matmul_kernel_tuned = (
 
 
 def _prune_matvec_configs(configs, named_args, **kwargs):
-    """Configs whose loaded weight tiles (two with the fused gate) take at most 128 bytes per thread."""
+    """Configs whose loaded weight tiles (two with the fused gate) take at most 128 bytes per
+    thread (else the one that loads the least per thread)."""
     n_acc = 2 if kwargs["FUSED_GATE"] else 1
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * n_acc <= 128 * 32 * c.num_warps
+    elem_bytes = named_args["w_ptr"].element_size()
+
+    def bytes_per_thread(c):
+        return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * n_acc * elem_bytes / (32 * c.num_warps)
+
+    kept = [c for c in configs if bytes_per_thread(c) <= 128] or [
+        min(configs, key=bytes_per_thread)
     ]
     if named_args["N"] * n_acc * named_args["K"] <= _TINY_WEIGHT:
         kept = kept[:1]
     return kept
 
 
-_matvec_fp8_kernel_tuned = (
-    None
-    if INTERPRET
-    else triton.autotune(
-        configs=_MATVEC_CONFIGS,
-        key=["N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL", "SPLIT_K"],
-        prune_configs_by={"early_config_prune": _prune_matvec_configs},
-        restore_value=["out_ptr"],
-        do_bench=_bench_cudagraph,
-    )(_matvec_fp8_kernel)
-)
+def _tuned_matvec(configs: list[triton.Config]):
+    return (
+        None
+        if INTERPRET
+        else triton.autotune(
+            configs=configs,
+            key=["N", "K", "ACTIVATION", "FUSED_GATE", "HAS_RESIDUAL", "SPLIT_K"],
+            prune_configs_by={"early_config_prune": _prune_matvec_configs},
+            restore_value=["out_ptr"],
+            do_bench=_bench_cudagraph,
+        )(_matvec_kernel)
+    )
+
+
+# one autotuner per weight width: FP8, and 16-bit (or fp32) weights
+_matvec_fp8_kernel_tuned = _tuned_matvec(_MATVEC_CONFIGS)
+_matvec_kernel_tuned = _tuned_matvec(_MATVEC_16BIT_CONFIGS)
 
 
 _matmul_tma_kernel_tuned = (
@@ -1489,7 +1511,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype,
            w_fp8, fp8_dot, fp8_promote)  # fmt: skip
 
-    if w_fp8 and m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec"]:
+    if m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec" if w_fp8 else "matvec"]:
         return _matvec_plan(n, k, out_shape, shared_meta, key, x.device)
     out_span = max(m * n, _elements_spanned(residual), _elements_spanned(out))
     if split_k == 1 and _takes_tma(x2, weight, m_bucket, fp8_dot, out_span):
@@ -1626,11 +1648,11 @@ def _matvec_split_k(n_rows: int, k: int) -> int:
 def _matvec_plan(
     n: int, k: int, out_shape, shared_meta: dict, key: tuple, device: torch.device
 ) -> _Plan:
-    """One row of x times an FP8 weight: _matvec_fp8_kernel, BLOCK_N rows of the weight per
-    program, and K split where the rows are few (the slices summed by _splitk_epilogue_kernel)."""
+    """One row of x times a weight: _matvec_kernel, BLOCK_N rows of the weight per program, and K
+    split where the rows are few (the slices summed by _splitk_epilogue_kernel)."""
     n_rows = 2 * n if shared_meta["FUSED_GATE"] else n
     split_k = _matvec_split_k(n_rows, k)
-    meta = {name: v for name, v in shared_meta.items() if name not in ("W_FP8", "X_FP8")}
+    meta = {name: v for name, v in shared_meta.items() if name != "X_FP8"}
     meta["SPLIT_K"] = split_k
 
     def grid(launch_meta):
@@ -1641,9 +1663,10 @@ def _matvec_plan(
         epilogue = _splitk_epilogue(1, n, split_k, shared_meta, block_m=1, device=device)
     if INTERPRET:
         config = _INTERPRET_MATVEC_CONFIG
-        main = KernelLaunch(_matvec_fp8_kernel, grid(config), {**meta, **config})
+        main = KernelLaunch(_matvec_kernel, grid(config), {**meta, **config})
         return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue)
-    tune = (_matvec_fp8_kernel, _matvec_fp8_kernel_tuned, ("matvec", *key, split_k), grid, meta)
+    tuned = _matvec_fp8_kernel_tuned if meta["W_FP8"] else _matvec_kernel_tuned
+    tune = (_matvec_kernel, tuned, ("matvec", *key, split_k), grid, meta)
     return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune)
 
 

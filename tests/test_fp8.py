@@ -144,6 +144,7 @@ def test_fp8_matmul_against_reference(dtype, m, activation, static):
 def _matvec_cases():
     """(config, activation) for every matrix-vector config the autotuner keeps for that mode."""
     configs = matmul_module._MATVEC_CONFIGS if DEVICE == "cuda" else []
+    weight = torch.empty(0, dtype=torch.float8_e4m3fn)
     return [
         pytest.param(
             config,
@@ -153,7 +154,7 @@ def _matvec_cases():
         for config in configs
         for activation in (None, "silu_mul")
         if matmul_module._prune_matvec_configs(
-            [config], {"N": 1 << 20, "K": 1}, FUSED_GATE=activation is not None
+            [config], {"N": 1 << 20, "K": 1, "w_ptr": weight}, FUSED_GATE=activation is not None
         )
     ]
 

@@ -189,6 +189,11 @@ def fresh_tuning(monkeypatch, tuner, configs=None):
         monkeypatch.setattr(tuner, "configs", configs)
 
 
+def plan_kernel(plan):
+    """A plan's main kernel (the Triton function it launches or will tune)."""
+    return plan.main.kernel if plan.main is not None else plan.tune[0]
+
+
 def plan_meta(plan) -> dict:
     """A plan's constexprs: its launch's, or (before its first call on the GPU) its tuning's."""
     return plan.main.meta if plan.main is not None else plan.tune[4]
@@ -223,6 +228,54 @@ def test_decode_table_configs(monkeypatch, kernel_options, dtype, bucket, config
         plan_meta(mm._plan(x, w, b, "silu_mul", res, None, None, None))["CONFIG_TABLE"] == "default"
     )
     assert_close(y, y_off, TOL[dtype], "decode table on vs off")
+
+
+def _matvec_cases():
+    """(config, activation): on the GPU every 16-bit matrix-vector config the autotuner keeps for
+    that mode at bf16, else the interpreter's one config."""
+    if mm.INTERPRET:
+        return [pytest.param(None, a, id=f"interpreter-{a}") for a in (None, "gelu", "silu_mul")]
+    weight = torch.empty(0, dtype=torch.bfloat16)
+    return [
+        pytest.param(
+            config,
+            activation,
+            id=f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}-{activation}",
+        )
+        for config in mm._MATVEC_16BIT_CONFIGS
+        for activation in (None, "silu_mul")
+        if mm._prune_matvec_configs(
+            [config], {"N": 1 << 20, "K": 1, "w_ptr": weight}, FUSED_GATE=activation is not None
+        )
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config, activation", _matvec_cases())
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_matvec(monkeypatch, kernel_options, dtype, config, activation, split_k):
+    """M = 1 through the matrix-vector kernel (kernel option matvec), each config of its 16-bit
+    table on the GPU: odd N and K (K split in two uneven slices, or not), bias, residual and
+    alpha, and the same numbers as the tl.dot kernel's with the option off."""
+    kernel_options(matvec=1)
+    monkeypatch.setattr(mm, "_matvec_split_k", lambda n_rows, k: split_k)
+    fresh_tuning(monkeypatch, mm._matvec_kernel_tuned, None if config is None else [config])
+    n_w = 2 * 601 if activation == "silu_mul" else 601
+    k = 1000
+    x, w, b = rand(1, k, dtype=dtype), rand(n_w, k, dtype=dtype), rand(n_w, dtype=dtype)
+    res = rand(1, 601, dtype=dtype)
+    plan = mm._plan(x, w, b, activation, res, None, None, None)
+    assert plan_meta(plan)["SPLIT_K"] == split_k
+    assert plan_kernel(plan) is mm._matvec_kernel
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    if config is not None:
+        assert list(mm._tuned_configs.values()) == [config]
+    expected = reference(x, w, b, activation, res, 0.5)
+    assert_close(y, expected, TOL[dtype], f"matvec {config} {activation} split {split_k}")
+    kernel_options(matvec=0)
+    assert plan_kernel(mm._plan(x, w, b, activation, res, None, None, None)) is mm._matmul_kernel
+    assert_close(matmul(x, w, b, activation=activation, residual=res, alpha=0.5), y, TOL[dtype],
+                 "matvec on vs off")  # fmt: skip
 
 
 def test_splitk_epilogue_grid_fills_the_sms(monkeypatch):
