@@ -2,7 +2,8 @@
 
 Input is the fused QKV projection qkv [B, T, (Hq + 2 * Hkv) * D] (last dim contiguous, any batch and
 token strides): per token the Hq query heads, then Hkv key heads, then Hkv value heads. One program
-handles one token, all heads:
+handles one kv head of one token and the Hq / Hkv query heads that attend to it (all heads where
+Hq is not a multiple of Hkv):
   - the query heads are rotated in place (the caller uses the q slice of qkv as the query),
   - the key heads are rotated and written to k_cache[b, :, slot], values copied to v_cache[b, :, slot],
     where slot = cache_lengths[b] + t, so decode steps need no host-side index (CUDA-graph safe).
@@ -72,6 +73,7 @@ def _rope_cache_kernel(
     HEAD_DIM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     HAS_QK_NORM: tl.constexpr,
+    HEAD_GROUPS: tl.constexpr,  # programs per token, each NUM_Q_HEADS / HEAD_GROUPS query heads
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -79,6 +81,9 @@ def _rope_cache_kernel(
 ):
     wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)  # its query heads, and the kv heads they attend to
+    Q_HEADS: tl.constexpr = NUM_Q_HEADS // HEAD_GROUPS
+    KV_HEADS: tl.constexpr = NUM_KV_HEADS // HEAD_GROUPS
     b = token // T
     t = token % T
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -88,13 +93,18 @@ def _rope_cache_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_half = tl.arange(0, BLOCK_HALF)
     mask_half = offs_half < HALF
+    q_heads = group * Q_HEADS + offs_h
+    kv_heads = group * KV_HEADS + offs_h
     k_heads_ptr = row_ptr + NUM_Q_HEADS * HEAD_DIM
-    mask_k = (offs_h[:, None] < NUM_KV_HEADS) & mask_half[None, :]
+    mask_k = (offs_h[:, None] < KV_HEADS) & mask_half[None, :]
     # a full-tile mask (the interpreter rejects scalar masks mixed into tensor masks)
     slot_ok = (tl.zeros([BLOCK_H, 1], dtype=tl.int64) + slot) < S
-    k_in = k_heads_ptr + offs_h[:, None] * HEAD_DIM + offs_half[None, :]
+    k_in = k_heads_ptr + kv_heads[:, None] * HEAD_DIM + offs_half[None, :]
     k_out = (
-        k_cache_ptr + b * cache_stride_b + offs_h[:, None] * cache_stride_h + slot * cache_stride_s
+        k_cache_ptr
+        + b * cache_stride_b
+        + kv_heads[:, None] * cache_stride_h
+        + slot * cache_stride_s
     )
     k_out += offs_half[None, :]
 
@@ -107,8 +117,8 @@ def _rope_cache_kernel(
         sin = (tl.sin(angle) * attention_scaling).to(dtype).to(tl.float32)[None, :]
 
         # queries, rotated in place: out = x * cos + rotate_half(x) * sin
-        mask_q = (offs_h[:, None] < NUM_Q_HEADS) & mask_half[None, :]
-        q1_ptr = row_ptr + offs_h[:, None] * HEAD_DIM + offs_half[None, :]
+        mask_q = (offs_h[:, None] < Q_HEADS) & mask_half[None, :]
+        q1_ptr = row_ptr + q_heads[:, None] * HEAD_DIM + offs_half[None, :]
         q1 = tl.load(q1_ptr, mask=mask_q, other=0.0).to(tl.float32)
         q2 = tl.load(q1_ptr + HALF, mask=mask_q, other=0.0).to(tl.float32)
         if HAS_QK_NORM:
@@ -134,10 +144,13 @@ def _rope_cache_kernel(
         tl.store(k_out + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask_k & slot_ok)
 
     offs_d = tl.arange(0, BLOCK_D)
-    mask_v = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
-    v_in = k_heads_ptr + NUM_KV_HEADS * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    mask_v = (offs_h[:, None] < KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    v_in = k_heads_ptr + NUM_KV_HEADS * HEAD_DIM + kv_heads[:, None] * HEAD_DIM + offs_d[None, :]
     v_out = (
-        v_cache_ptr + b * cache_stride_b + offs_h[:, None] * cache_stride_h + slot * cache_stride_s
+        v_cache_ptr
+        + b * cache_stride_b
+        + kv_heads[:, None] * cache_stride_h
+        + slot * cache_stride_s
     )
     v = tl.load(v_in, mask=mask_v, other=0.0)
     tl.store(v_out + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask_v & slot_ok)
@@ -227,13 +240,17 @@ def _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weig
                 raise ValueError(f"{name}: expected a contiguous ({head_dim},) tensor, got {got}")
         if not has_rope:
             raise ValueError("q_norm_weight / k_norm_weight are applied with rotary (inv_freq)")
+    # one program per kv head of each token (with its query heads): at batch 1 one program
+    # for all heads would leave the rest of the GPU idle
+    head_groups = num_kv_heads if num_kv_heads and num_q_heads % num_kv_heads == 0 else 1
     meta = {
         "NUM_Q_HEADS": num_q_heads,
         "NUM_KV_HEADS": num_kv_heads,
         "HEAD_DIM": head_dim,
         "HAS_ROPE": has_rope,
         "HAS_QK_NORM": has_qk_norm,
-        "BLOCK_H": next_pow2(max(num_q_heads, num_kv_heads)),
+        "HEAD_GROUPS": head_groups,
+        "BLOCK_H": next_pow2(max(num_q_heads, num_kv_heads) // head_groups),
         "BLOCK_HALF": next_pow2(head_dim // 2),
         "BLOCK_D": next_pow2(head_dim),
         "num_warps": 4,
@@ -242,7 +259,8 @@ def _plan(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weig
     positions_strides = positions.stride() if has_rope else (0, 0)
     fixed = (*qkv.stride()[:2], *positions_strides, *k_cache.stride()[:3], seq, k_cache.shape[2])
     query_view = ((batch, seq, num_q_heads, head_dim), (*qkv.stride()[:2], head_dim, 1))
-    return KernelLaunch(_rope_cache_kernel, (batch * seq,), meta), fixed, query_view
+    launch = KernelLaunch(_rope_cache_kernel, (batch * seq, head_groups), meta)
+    return launch, fixed, query_view
 
 
 def _rope_cache_write(qkv, k_cache, v_cache, cache_lengths, positions, inv_freq, q_norm_weight,
