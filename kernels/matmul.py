@@ -1185,19 +1185,24 @@ _matmul_kernel_tuned = (
 )
 
 
+def _matvec_bytes_per_thread(config: triton.Config, fused_gate: bool, elem_bytes: int) -> float:
+    """Bytes of weight one thread of a matrix-vector program loads per step (two tiles with the
+    fused gate)."""
+    n_acc = 2 if fused_gate else 1
+    block = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"]
+    return block * n_acc * elem_bytes / (32 * config.num_warps)
+
+
 def _prune_matvec_configs(configs, named_args, **kwargs):
-    """Configs whose loaded weight tiles (two with the fused gate) take at most 128 bytes per
-    thread (else the one that loads the least per thread)."""
-    n_acc = 2 if kwargs["FUSED_GATE"] else 1
+    """Configs that load at most 128 bytes of weight per thread per step (else the one that loads
+    the least)."""
     elem_bytes = named_args["w_ptr"].element_size()
 
-    def bytes_per_thread(c):
-        return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * n_acc * elem_bytes / (32 * c.num_warps)
+    def per_thread(c):
+        return _matvec_bytes_per_thread(c, kwargs["FUSED_GATE"], elem_bytes)
 
-    kept = [c for c in configs if bytes_per_thread(c) <= 128] or [
-        min(configs, key=bytes_per_thread)
-    ]
-    if named_args["N"] * n_acc * named_args["K"] <= _TINY_WEIGHT:
+    kept = [c for c in configs if per_thread(c) <= 128] or [min(configs, key=per_thread)]
+    if named_args["N"] * (2 if kwargs["FUSED_GATE"] else 1) * named_args["K"] <= _TINY_WEIGHT:
         kept = kept[:1]
     return kept
 

@@ -80,3 +80,22 @@ def spread_weights_(model: torch.nn.Module, is_norm_weight) -> torch.nn.Module:
             else:
                 param.normal_(0.0, 0.08)
     return model
+
+
+def matvec_config_params(configs: list, weight_dtype: torch.dtype) -> list:
+    """pytest params (config, activation) of the matrix-vector configs the autotuner keeps for
+    weights of weight_dtype, without and with the fused gate."""
+    import kernels.matmul
+
+    elem_bytes = torch.empty(0, dtype=weight_dtype).element_size()
+    return [
+        pytest.param(
+            config,
+            activation,
+            id=f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}-{activation}",
+        )
+        for config in configs
+        for activation in (None, "silu_mul")
+        if kernels.matmul._matvec_bytes_per_thread(config, activation is not None, elem_bytes)
+        <= 128
+    ]

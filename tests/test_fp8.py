@@ -14,7 +14,15 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close, left_padded_batch, spread_weights_
+from helpers import (
+    DEVICE,
+    DTYPES,
+    KERNEL_RTOL,
+    assert_close,
+    left_padded_batch,
+    matvec_config_params,
+    spread_weights_,
+)
 from safetensors.torch import load_file, save_file
 
 import kernels.matmul as matmul_module
@@ -144,19 +152,7 @@ def test_fp8_matmul_against_reference(dtype, m, activation, static):
 def _matvec_cases():
     """(config, activation) for every matrix-vector config the autotuner keeps for that mode."""
     configs = matmul_module._MATVEC_CONFIGS if DEVICE == "cuda" else []
-    weight = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return [
-        pytest.param(
-            config,
-            activation,
-            id=f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}-{activation}",
-        )
-        for config in configs
-        for activation in (None, "silu_mul")
-        if matmul_module._prune_matvec_configs(
-            [config], {"N": 1 << 20, "K": 1, "w_ptr": weight}, FUSED_GATE=activation is not None
-        )
-    ]
+    return matvec_config_params(configs, torch.float8_e4m3fn)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs its own matrix-vector config")

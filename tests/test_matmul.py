@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close
+from helpers import DEVICE, DTYPES, KERNEL_RTOL, assert_close, matvec_config_params
 
 import kernels.matmul as mm
 from kernels.matmul import matmul
@@ -235,19 +235,7 @@ def _matvec_cases():
     that mode at bf16, else the interpreter's one config."""
     if mm.INTERPRET:
         return [pytest.param(None, a, id=f"interpreter-{a}") for a in (None, "gelu", "silu_mul")]
-    weight = torch.empty(0, dtype=torch.bfloat16)
-    return [
-        pytest.param(
-            config,
-            activation,
-            id=f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}-w{config.num_warps}-{activation}",
-        )
-        for config in mm._MATVEC_16BIT_CONFIGS
-        for activation in (None, "silu_mul")
-        if mm._prune_matvec_configs(
-            [config], {"N": 1 << 20, "K": 1, "w_ptr": weight}, FUSED_GATE=activation is not None
-        )
-    ]
+    return matvec_config_params(mm._MATVEC_16BIT_CONFIGS, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
