@@ -67,6 +67,16 @@ def graph_us(fn) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
 
 
+def layer_weights(n_w: int, k: int, fp8: bool) -> list:
+    """LAYERS random (weight, row scales) of one projection: FP8 with its scales, or bf16."""
+    if fp8:
+        return [quantize_rows(torch.randn(n_w, k, device="cuda") / k**0.5) for _ in range(LAYERS)]
+    return [
+        (torch.randn(n_w, k, device="cuda", dtype=torch.bfloat16) / k**0.5, None)
+        for _ in range(LAYERS)
+    ]
+
+
 def projections(x, weights, activation, residual) -> None:
     for weight, scale in weights:
         matmul_module.matmul(
@@ -118,15 +128,7 @@ def sweep_matvec(bandwidth: float, quantize: str | None) -> None:
     elem_bytes = 1 if fp8 else 2
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     for name, n_w, k, activation, has_residual in LAYER_PROJECTIONS:
-        if fp8:
-            weights = [
-                quantize_rows(torch.randn(n_w, k, device="cuda") / k**0.5) for _ in range(LAYERS)
-            ]
-        else:
-            weights = [
-                (torch.randn(n_w, k, device="cuda", dtype=x.dtype) / k**0.5, None)
-                for _ in range(LAYERS)
-            ]
+        weights = layer_weights(n_w, k, fp8)
         n = n_w // 2 if activation else n_w
         residual = torch.randn(1, n, device="cuda", dtype=x.dtype) if has_residual else None
         floor_us = 1e6 * n_w * k * elem_bytes / bandwidth
@@ -143,13 +145,14 @@ def sweep_matvec(bandwidth: float, quantize: str | None) -> None:
             matmul_module._matvec_split_k = lambda n_rows, k, split=split: split
             for block_n, row_bytes, warps, stages in MATVEC_CONFIGS:
                 block_k = row_bytes // elem_bytes
-                if (
-                    block_n * row_bytes * (2 if activation else 1) > 128 * 32 * warps
-                    or k < split * block_k
-                ):
-                    continue  # pruned by the autotuner, or a slice shorter than one step
                 meta = {"BLOCK_N": block_n, "BLOCK_K": block_k}
-                tuner.configs = [triton.Config(meta, num_warps=warps, num_stages=stages)]
+                config = triton.Config(meta, num_warps=warps, num_stages=stages)
+                per_thread = matmul_module._matvec_bytes_per_thread(
+                    config, bool(activation), elem_bytes
+                )
+                if per_thread > 128 or k < split * block_k:
+                    continue  # pruned by the autotuner, or a slice shorter than one step
+                tuner.configs = [config]
                 tuner.cache.clear()
                 matmul_module._tuned_configs.clear()
                 clear_plans()
@@ -177,16 +180,7 @@ def sweep_epilogue(bandwidth: float) -> None:
             for name, n_w, k, _, has_residual in LAYER_PROJECTIONS:
                 if name == "gate-up":
                     continue  # not split at these sizes
-                if fp8:
-                    weights = [
-                        quantize_rows(torch.randn(n_w, k, device="cuda") / k**0.5)
-                        for _ in range(LAYERS)
-                    ]
-                else:
-                    weights = [
-                        (torch.randn(n_w, k, device="cuda", dtype=torch.bfloat16) / k**0.5, None)
-                        for _ in range(LAYERS)
-                    ]
+                weights = layer_weights(n_w, k, fp8)
                 x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
                 residual = torch.randn(batch, n_w, device="cuda", dtype=x.dtype)
                 residual = residual if has_residual else None
