@@ -1,0 +1,124 @@
+"""Decode-step A/B: variants of the same model measured side by side in one process.
+
+Each variant is a set of kernel options (ZOO_KERNELS syntax, e.g. "decode_split_table=1") and/or
+kernels to skip. A skipped kernel's output is left as it came in (the RMSNorm returns its input;
+RoPE + cache write neither rotates nor writes), so the outputs are wrong: the time saved is an
+upper bound of what fusing that kernel away could save. Variants alternate inside each run, and
+every variant gets a fresh decode runner (its own CUDA graph), timed as bench_decoder.py times a
+step: `generate` with and without the new tokens, the difference per token.
+
+    PYTHONPATH=. python benchmarks/ab_decode.py --shapes 1x128x128,32x512x64 \\
+        --variant base= --variant "no-split-table=decode_split_table=1" --variant no-norm=skip:norm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decoder import decode_timing, ours_generate  # noqa: E402
+from common import parse_shapes, write_result  # noqa: E402
+
+import kernels.utils  # noqa: E402
+import zoo  # noqa: E402
+import zoo.layers  # noqa: E402
+
+SKIPPABLE = ("norm", "rope")
+_rms_norm_forward = zoo.layers.RMSNorm.forward
+_rope_cache_write = zoo.layers.rope_cache_write
+
+
+def _unrotated_query(qkv, k_cache, v_cache, cache_lengths, *, num_q_heads, head_dim, **_):
+    """rope_cache_write skipped: the query view of qkv as it is, the caches untouched."""
+    batch, seq, _ = qkv.shape
+    return qkv.view(batch, seq, -1, head_dim)[:, :, :num_q_heads]
+
+
+def parse_variant(text: str) -> tuple[str, dict, tuple[str, ...]]:
+    """'name=opt=1,skip:norm' -> (name, kernel options, skipped kernels)."""
+    name, _, spec = text.partition("=")
+    options, skips = [], []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item.startswith("skip:"):
+            what = item[len("skip:") :]
+            if what not in SKIPPABLE:
+                raise SystemExit(f"--variant {text!r}: can skip {SKIPPABLE}, not {what!r}")
+            skips.append(what)
+        else:
+            options.append(item)
+    parsed = kernels.utils.parse_kernel_options(",".join(options))  # raises on unknown options
+    return name, parsed, tuple(skips)
+
+
+def apply_variant(options: dict, skips: tuple[str, ...]) -> None:
+    kernels.utils.set_kernel_options(**options)
+    zoo.layers.RMSNorm.forward = (
+        (lambda self, x, residual=None: x) if "norm" in skips else _rms_norm_forward
+    )
+    zoo.layers.rope_cache_write = _unrotated_query if "rope" in skips else _rope_cache_write
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama3-8b", help="registry name or checkpoint path")
+    parser.add_argument("--quantize", choices=["fp8"], default=None)
+    parser.add_argument("--shapes", default="1x128x128,8x512x64,32x512x64")
+    parser.add_argument("--runs", type=int, default=2, help="alternations of all variants")
+    parser.add_argument("--variant", action="append", required=True, help="name=spec")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graph (CPU smoke runs)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    variants = [parse_variant(text) for text in args.variant]
+    default_options = dict(kernels.utils.KERNEL_OPTIONS)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # a smoke run (--eager, TRITON_INTERPRET=1): no GPU work to wait for
+        torch.cuda.synchronize = lambda device=None: None
+    path = Path(args.model)
+    model = zoo.load(
+        args.model,
+        pretrained=path.exists(),
+        device=device,
+        dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        quantize=args.quantize,
+    )
+    vocab = model.config.vocab_size
+    weights = args.quantize or str(next(model.parameters()).dtype).removeprefix("torch.")
+    results = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch, prompt, new in parse_shapes(args.shapes):
+            ids = torch.randint(0, vocab, (batch, prompt), device=device)
+            for run in range(args.runs):
+                for name, options, skips in variants:
+                    apply_variant({**default_options, **options}, skips)
+                    model.engine.reset()  # a new runner: this variant's kernels in its graph
+                    step_s, _ = decode_timing(ours_generate(model, not args.eager), ids, new)
+                    row = {"shape": f"{batch}x{prompt}x{new}", "variant": name, "run": run,
+                           "ms_per_step": 1e3 * step_s}  # fmt: skip
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    apply_variant(default_options, ())
+    print(f"\n{args.model} ({weights}), ms per decode step, {args.runs} runs:")
+    for batch, prompt, new in parse_shapes(args.shapes):
+        shape = f"{batch}x{prompt}x{new}"
+        for name, _, _ in variants:
+            times = [
+                r["ms_per_step"] for r in results if r["shape"] == shape and r["variant"] == name
+            ]
+            print(f"{shape:>12} {name:>16}: " + " ".join(f"{t:.3f}" for t in times))
+    print(f"took {time.perf_counter() - start:.0f}s")
+    if args.out:
+        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        write_result(args.out, name, model=args.model, quantize=args.quantize,
+                     variants=args.variant, rows=results)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
