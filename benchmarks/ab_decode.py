@@ -5,7 +5,9 @@ kernels to skip. A skipped kernel's output is left as it came in (the RMSNorm re
 RoPE + cache write neither rotates nor writes), so the outputs are wrong: the time saved is an
 upper bound of what fusing that kernel away could save. Variants alternate inside each run, and
 every variant gets a fresh decode runner (its own CUDA graph), timed as bench_decoder.py times a
-step: `generate` with and without the new tokens, the difference per token.
+step: `generate` with and without the new tokens, the difference per token. Each shape's floor
+(the step's bytes over the measured copy bandwidth, or its FLOPs over the measured matmul rate,
+at the mean context) stands beside the times, with each variant's best % of it.
 
     PYTHONPATH=. python benchmarks/ab_decode.py --shapes 1x128x128,32x512x64 \\
         --variant base= --variant "no-split-table=decode_split_table=1" --variant no-norm=skip:norm
@@ -22,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decoder import decode_timing, ours_generate  # noqa: E402
-from common import parse_shapes, write_result  # noqa: E402
+from bench_decoder import decode_timing, ours_generate, step_bytes, step_flops  # noqa: E402
+from common import Roofline, parse_shapes, write_result  # noqa: E402
 
 import kernels.utils  # noqa: E402
 import zoo  # noqa: E402
@@ -88,6 +90,9 @@ def main() -> None:
         dtype=torch.bfloat16 if device == "cuda" else torch.float32,
         quantize=args.quantize,
     )
+    roofline = Roofline.measure() if device == "cuda" else None
+    if roofline is not None:
+        print(roofline.header())
     vocab = model.config.vocab_size
     weights = args.quantize or str(next(model.parameters()).dtype).removeprefix("torch.")
     results = []
@@ -102,22 +107,33 @@ def main() -> None:
                     step_s, _ = decode_timing(ours_generate(model, not args.eager), ids, new)
                     row = {"shape": f"{batch}x{prompt}x{new}", "variant": name, "run": run,
                            "ms_per_step": 1e3 * step_s}  # fmt: skip
+                    if roofline is not None:
+                        context = prompt + new / 2  # mean context of the decode steps
+                        row.update(roofline.fields(step_s, step_bytes(model, batch, context),
+                                                   step_flops(model, batch, context)))  # fmt: skip
                     results.append(row)
                     print(json.dumps(row), flush=True)
     apply_variant(default_options, ())
     print(f"\n{args.model} ({weights}), ms per decode step, {args.runs} runs:")
     for batch, prompt, new in parse_shapes(args.shapes):
         shape = f"{batch}x{prompt}x{new}"
+        rows = [r for r in results if r["shape"] == shape]
+        if roofline is not None:
+            print(
+                f"{shape:>12} {'floor':>16}: {rows[0]['floor_ms']:.3f} ({rows[0]['floor_bound']})"
+            )
         for name, _, _ in variants:
-            times = [
-                r["ms_per_step"] for r in results if r["shape"] == shape and r["variant"] == name
-            ]
-            print(f"{shape:>12} {name:>16}: " + " ".join(f"{t:.3f}" for t in times))
+            runs = [r for r in rows if r["variant"] == name]
+            line = " ".join(f"{r['ms_per_step']:.3f}" for r in runs)
+            if roofline is not None:
+                line += f"  (best {max(r['roofline_pct'] for r in runs):.0f}% of the floor)"
+            print(f"{shape:>12} {name:>16}: {line}")
     print(f"took {time.perf_counter() - start:.0f}s")
     if args.out:
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        limits = roofline.limits() if roofline is not None else {}
         write_result(args.out, name, model=args.model, quantize=args.quantize,
-                     variants=args.variant, rows=results)  # fmt: skip
+                     variants=args.variant, **limits, rows=results)  # fmt: skip
 
 
 if __name__ == "__main__":
