@@ -1,7 +1,8 @@
 """Decode-step A/B: variants of the same model measured side by side in one process.
 
-Each variant is a set of kernel options (ZOO_KERNELS syntax, e.g. "decode_split_table=1") and/or
-kernels to skip. A skipped kernel's output is left as it came in (the RMSNorm returns its input;
+Each variant is NAME=SPEC: a set of kernel options (ZOO_KERNELS syntax, e.g.
+"decode_split_table=1"; unnamed options keep their defaults) and/or kernels to skip (skip:norm,
+skip:rope), comma-separated; an empty SPEC is the defaults. A skipped kernel's output is left as it came in (the RMSNorm returns its input;
 RoPE + cache write neither rotates nor writes), so the outputs are wrong: the time saved is an
 upper bound of what fusing that kernel away could save. Variants alternate inside each run, and
 every variant gets a fresh decode runner (its own CUDA graph), timed as bench_decoder.py times a
@@ -10,7 +11,7 @@ step: `generate` with and without the new tokens, the difference per token. Each
 at the mean context) stands beside the times, with each variant's best % of it.
 
     PYTHONPATH=. python benchmarks/ab_decode.py --shapes 1x128x128,32x512x64 \\
-        --variant base= --variant "no-split-table=decode_split_table=1" --variant no-norm=skip:norm
+        --variant base= --variant split-table=decode_split_table=1 --variant no-norm=skip:norm
 """
 
 from __future__ import annotations
