@@ -2,13 +2,14 @@
 
 Each variant is NAME=SPEC: a set of kernel options (ZOO_KERNELS syntax, e.g.
 "decode_split_table=1"; unnamed options keep their defaults) and/or kernels to skip (skip:norm,
-skip:rope), comma-separated; an empty SPEC is the defaults. A skipped kernel's output is left as it came in (the RMSNorm returns its input;
-RoPE + cache write neither rotates nor writes), so the outputs are wrong: the time saved is an
-upper bound of what fusing that kernel away could save. Variants alternate inside each run, and
-every variant gets a fresh decode runner (its own CUDA graph), timed as bench_decoder.py times a
-step: `generate` with and without the new tokens, the difference per token. Each shape's floor
-(the step's bytes over the measured copy bandwidth, or its FLOPs over the measured matmul rate,
-at the mean context) stands beside the times, with each variant's best % of it.
+skip:rope), comma-separated; an empty SPEC is the defaults. A skipped kernel's output is left as
+it came in (the RMSNorm returns its input; RoPE + cache write neither rotates nor writes), so the
+outputs are wrong: the time saved is an upper bound of what fusing that kernel away could save.
+Variants alternate inside each run, and every variant gets a fresh decode runner (its own CUDA
+graph), timed as bench_decoder.py times a step: `generate` with and without the new tokens, the
+difference per token. Each shape's floor (the step's bytes over the measured copy bandwidth, or
+its FLOPs over the measured matmul rate, at the mean context) stands beside the times, with each
+variant's best % of it.
 
     PYTHONPATH=. python benchmarks/ab_decode.py --shapes 1x128x128,32x512x64 \\
         --variant base= --variant split-table=decode_split_table=1 --variant no-norm=skip:norm
@@ -131,9 +132,9 @@ def main() -> None:
             print(f"{shape:>12} {name:>16}: {line}")
     print(f"took {time.perf_counter() - start:.0f}s")
     if args.out:
-        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         limits = roofline.limits() if roofline is not None else {}
-        write_result(args.out, name, model=args.model, quantize=args.quantize,
+        write_result(args.out, device_name, model=args.model, quantize=args.quantize,
                      variants=args.variant, **limits, rows=results)  # fmt: skip
 
 
