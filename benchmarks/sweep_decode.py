@@ -150,7 +150,7 @@ def sweep_matvec(bandwidth: float, quantize: str | None) -> None:
                 per_thread = matmul_module._matvec_bytes_per_thread(
                     config, bool(activation), elem_bytes
                 )
-                if per_thread > 128 or k < split * block_k:
+                if per_thread > matmul_module._MATVEC_MAX_BYTES_PER_THREAD or k < split * block_k:
                     continue  # pruned by the autotuner, or a slice shorter than one step
                 tuner.configs = [config]
                 tuner.cache.clear()

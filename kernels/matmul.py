@@ -1185,6 +1185,10 @@ _matmul_kernel_tuned = (
 )
 
 
+# the matrix-vector configs kept: a thread loads at most this many bytes of weight per step
+_MATVEC_MAX_BYTES_PER_THREAD = 128
+
+
 def _matvec_bytes_per_thread(config: triton.Config, fused_gate: bool, elem_bytes: int) -> float:
     """Bytes of weight one thread of a matrix-vector program loads per step (two tiles with the
     fused gate)."""
@@ -1194,14 +1198,16 @@ def _matvec_bytes_per_thread(config: triton.Config, fused_gate: bool, elem_bytes
 
 
 def _prune_matvec_configs(configs, named_args, **kwargs):
-    """Configs that load at most 128 bytes of weight per thread per step (else the one that loads
-    the least)."""
+    """Configs that load at most _MATVEC_MAX_BYTES_PER_THREAD bytes of weight per thread per step
+    (else the one that loads the least)."""
     elem_bytes = named_args["w_ptr"].element_size()
 
     def per_thread(c):
         return _matvec_bytes_per_thread(c, kwargs["FUSED_GATE"], elem_bytes)
 
-    kept = [c for c in configs if per_thread(c) <= 128] or [min(configs, key=per_thread)]
+    kept = [c for c in configs if per_thread(c) <= _MATVEC_MAX_BYTES_PER_THREAD] or [
+        min(configs, key=per_thread)
+    ]
     if named_args["N"] * (2 if kwargs["FUSED_GATE"] else 1) * named_args["K"] <= _TINY_WEIGHT:
         kept = kept[:1]
     return kept

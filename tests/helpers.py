@@ -97,5 +97,5 @@ def matvec_config_params(configs: list, weight_dtype: torch.dtype) -> list:
         for config in configs
         for activation in (None, "silu_mul")
         if kernels.matmul._matvec_bytes_per_thread(config, activation is not None, elem_bytes)
-        <= 128
+        <= kernels.matmul._MATVEC_MAX_BYTES_PER_THREAD
     ]
