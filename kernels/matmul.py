@@ -405,6 +405,16 @@ def _matmul_kernel(
 
 
 @triton.jit
+def _matvec_step(acc, acc_up, w, w_up, x, FUSED_GATE: tl.constexpr):
+    """One K step of _matvec_kernel: the weight tile's rows times x [1, BLOCK_K] in fp32, summed
+    into acc (and the up rows' into acc_up)."""
+    acc += tl.sum(w.to(tl.float32) * x, axis=1)
+    if FUSED_GATE:
+        acc_up += tl.sum(w_up.to(tl.float32) * x, axis=1)
+    return acc, acc_up
+
+
+@triton.jit
 def _matvec_kernel(
     x_ptr,  # [1, K], unit column stride
     w_ptr,  # [N, K] or fused [2N, K] (x's dtype, or float8_e4m3fn), row stride w_stride_n
@@ -430,6 +440,7 @@ def _matvec_kernel(
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,  # weight float8_e4m3fn, scaled per row in the epilogue
+    PRELOAD: tl.constexpr,  # the first weight step loaded before the PDL wait (matvec_preload)
     SPLIT_K: tl.constexpr,  # > 1: fp32 partials of K slices to ws, _splitk_epilogue_kernel sums them
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -451,23 +462,42 @@ def _matvec_kernel(
     k_end = tl.minimum(k_start + k_slice, K)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    wait_for_previous_grid(USE_PDL)
-
     x_ptrs = x_ptr + k_start + offs_k
     w_ptrs = w_ptr + offs_n[:, None] * w_stride_n + k_start + offs_k[None, :]
+    w_up_ptrs = w_ptrs + N * w_stride_n  # (FUSED_GATE)
+    k_loop = k_start
+    if PRELOAD:
+        # The weight does not depend on the previous kernel: with PDL this program's first step
+        # of it is loaded while that kernel finishes, instead of after the wait. (An empty
+        # trailing slice, k_start >= K, loads nothing.)
+        mask_first = mask_n[:, None] & (offs_k < K - k_start)[None, :]
+        w_first = tl.load(w_ptrs, mask=mask_first, other=0.0)
+        w_up_first = w_first  # unread unless FUSED_GATE
+        if FUSED_GATE:
+            w_up_first = tl.load(w_up_ptrs, mask=mask_first, other=0.0)
+        k_loop += BLOCK_K
+    wait_for_previous_grid(USE_PDL)
+
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
+    if PRELOAD:
+        x = tl.load(x_ptrs, mask=offs_k < K - k_start, other=0.0).to(tl.float32)[None, :]
+        acc, acc_up = _matvec_step(acc, acc_up, w_first, w_up_first, x, FUSED_GATE)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        w_up_ptrs += BLOCK_K
+    for k in range(k_loop, k_end, BLOCK_K):
         mask_k = offs_k < K - k
         mask = mask_n[:, None] & mask_k[None, :]
         x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_ptrs, mask=mask, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x, axis=1)
+        w_up = w  # unread unless FUSED_GATE
         if FUSED_GATE:
-            w_up = tl.load(w_ptrs + N * w_stride_n, mask=mask, other=0.0)
-            acc_up += tl.sum(w_up.to(tl.float32) * x, axis=1)
+            w_up = tl.load(w_up_ptrs, mask=mask, other=0.0)
+        acc, acc_up = _matvec_step(acc, acc_up, w, w_up, x, FUSED_GATE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+        w_up_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
         offs_m = tl.zeros((1,), dtype=tl.int64)
@@ -1665,6 +1695,7 @@ def _matvec_plan(
     split_k = _matvec_split_k(n_rows, k)
     meta = {name: v for name, v in shared_meta.items() if name != "X_FP8"}
     meta["SPLIT_K"] = split_k
+    meta["PRELOAD"] = bool(kernels.utils.KERNEL_OPTIONS["matvec_preload"])
 
     def grid(launch_meta):
         return (triton.cdiv(n, launch_meta["BLOCK_N"]), split_k)

@@ -73,6 +73,9 @@ KERNEL_OPTION_CHOICES = {
     # 16-bit (and fp32) weights at M = 1 through the same matrix-vector kernel, instead of the
     # tl.dot kernel with x padded to 16 rows
     "matvec": (1, 0),
+    # the matrix-vector kernel loads its first weight step before waiting for the previous
+    # kernel (PDL), so the weight stream starts while that kernel finishes
+    "matvec_preload": (1, 0),
     # the matrix-vector kernel split along K for weights of few, long rows (_matvec_split_k)
     "fp8_matvec_split_k": (1, 0),
     # FP8 weights converted in registers (2 <= M <= fp8_dot_min_m): out^T = W x^T, so the

@@ -266,6 +266,30 @@ def test_matvec(monkeypatch, kernel_options, dtype, config, activation, split_k)
                  "matvec on vs off")  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "activation, k, split_k", [(None, 1000, 1), ("silu_mul", 1000, 2), (None, 100, 3)]
+)
+def test_matvec_preload(monkeypatch, kernel_options, dtype, activation, k, split_k):
+    """Kernel option matvec_preload: the matrix-vector kernel's first weight step loaded before
+    the PDL wait gives the plain loop's numbers (bitwise in the interpreter), K split or not (3
+    slices of K = 100: the last one empty)."""
+    monkeypatch.setattr(mm, "_matvec_split_k", lambda n_rows, k: split_k)
+    n_w = 2 * 601 if activation == "silu_mul" else 601
+    x, w, b = rand(1, k, dtype=dtype), rand(n_w, k, dtype=dtype), rand(n_w, dtype=dtype)
+    res = rand(1, 601, dtype=dtype)
+    kernel_options(matvec_preload=1)
+    assert plan_meta(mm._plan(x, w, b, activation, res, None, None, None))["PRELOAD"]
+    y = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    expected = reference(x, w, b, activation, res, 0.5)
+    assert_close(y, expected, TOL[dtype], f"matvec preload {activation} split {split_k}")
+    kernel_options(matvec_preload=0)
+    y_plain = matmul(x, w, b, activation=activation, residual=res, alpha=0.5)
+    if mm.INTERPRET:
+        assert torch.equal(y, y_plain), "preload changed the sums"
+    assert_close(y, y_plain, TOL[dtype], "matvec preload on vs off")
+
+
 def test_splitk_epilogue_grid_fills_the_sms(monkeypatch):
     """On the GPU the split-K epilogue halves its column blocks (256 down to 32) until its grid has
     two programs per SM: Llama-3-8B's o projection at batch 32 sums its partials in 256 programs
