@@ -50,7 +50,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 import kernels.utils
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
-from kernels.quantize import quantize_fp8
+from kernels.quantize import quantize_fp8, scale_to_fp16
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -155,12 +155,13 @@ def _epilogue(
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,
-    X_FP8: tl.constexpr,
+    X_SCALED: tl.constexpr,
 ):
     """out = residual + alpha * act(acc + bias) [* (acc_up + bias_up)], in fp32, one rounding.
-    FP8 operands: acc is first scaled by the weight's row scales (W_FP8) and x's (X_FP8)."""
+    Scaled operands: acc is first scaled by the weight's row scales (W_FP8) and x's (X_SCALED:
+    x quantized to FP8, or scaled into fp16)."""
     acc, acc_up = _fp8_scaled(
-        acc, acc_up, offs_m, offs_n, M, N, w_scale_ptr, x_scale_ptr, FUSED_GATE, W_FP8, X_FP8
+        acc, acc_up, offs_m, offs_n, M, N, w_scale_ptr, x_scale_ptr, FUSED_GATE, W_FP8, X_SCALED
     )
     y = _epilogue_values(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, res_stride_m, alpha, ACTIVATION,
@@ -189,15 +190,16 @@ def _fp8_scaled(
     x_scale_ptr,
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,
-    X_FP8: tl.constexpr,
+    X_SCALED: tl.constexpr,
 ):
-    """FP8 operands: acc (and acc_up) times the weight's row scales (W_FP8) and x's (X_FP8)."""
+    """Scaled operands: acc (and acc_up) times the weight's row scales (W_FP8) and x's
+    (X_SCALED)."""
     if W_FP8:
         mask_n = offs_n < N
         acc *= tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if FUSED_GATE:
             acc_up *= tl.load(w_scale_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
-    if X_FP8:
+    if X_SCALED:
         x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         acc *= x_scale
         if FUSED_GATE:
@@ -282,7 +284,7 @@ def _matmul_kernel(
     out_ptr,  # [M, N], row stride out_stride_m
     ws_ptr,  # split-K fp32 partials [SPLIT_K, M, N or 2N] (only read when SPLIT_K > 1)
     w_scale_ptr,  # W_FP8: fp32 [N or 2N], the weight's row scales
-    x_scale_ptr,  # X_FP8: fp32 [M], x's row scales
+    x_scale_ptr,  # X_FP8 or X_FP16: fp32 [M], x's row scales
     M,
     N,  # output columns (I for the fused gated activations)
     K,
@@ -300,6 +302,7 @@ def _matmul_kernel(
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,  # weight float8_e4m3fn, scaled per row in the epilogue
     X_FP8: tl.constexpr,  # x float8_e4m3fn too (FP8 tensor cores), scaled per row
+    X_FP16: tl.constexpr,  # W_FP8 with x scaled into fp16 per row (scale_to_fp16), not FP8
     FP8_PROMOTE: tl.constexpr,  # X_FP8: each BLOCK_K slice's sum added in fp32 (else the MMA's)
     SWAP_AB: tl.constexpr,  # W_FP8 only: out^T = W x^T, the converted weight tile the left operand
     SPLIT_K: tl.constexpr,
@@ -393,7 +396,7 @@ def _matmul_kernel(
         _epilogue(
             acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
             out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-            FUSED_GATE, W_FP8, X_FP8,
+            FUSED_GATE, W_FP8, X_FP8 or X_FP16,
         )  # fmt: skip
     else:
         # fp32 partials; gate columns at n, up columns at N + n. _splitk_epilogue_kernel sums them.
@@ -837,7 +840,7 @@ def _splitk_epilogue_kernel(
     HAS_RESIDUAL: tl.constexpr,
     FUSED_GATE: tl.constexpr,
     W_FP8: tl.constexpr,
-    X_FP8: tl.constexpr,
+    X_SCALED: tl.constexpr,  # x's row scales apply (x quantized to FP8, or scaled into fp16)
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -858,7 +861,7 @@ def _splitk_epilogue_kernel(
     _epilogue(
         acc, acc_up, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, res_stride_m,
         out_stride_m, alpha, w_scale_ptr, x_scale_ptr, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-        FUSED_GATE, W_FP8, X_FP8,
+        FUSED_GATE, W_FP8, X_SCALED,
     )  # fmt: skip
 
 
@@ -1204,6 +1207,7 @@ _matmul_kernel_tuned = (
             "CONFIG_TABLE",
             "W_FP8",
             "X_FP8",
+            "X_FP16",
             "FP8_PROMOTE",
             "SWAP_AB",
         ],
@@ -1423,13 +1427,23 @@ class _Plan:
 
     __slots__ = (
         "n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune", "fp8_dot",
-        "row_args", "tma_split",
+        "x_fp16", "row_args", "tma_split",
     )  # fmt: skip
 
     def __init__(
-        self, n, out_shape, split_k=1, tma=False, main=None, epilogue=None, tune=None, fp8_dot=False
+        self,
+        n,
+        out_shape,
+        split_k=1,
+        tma=False,
+        main=None,
+        epilogue=None,
+        tune=None,
+        fp8_dot=False,
+        x_fp16=False,
     ):
         self.fp8_dot = fp8_dot  # x quantized per row to FP8 before the GEMM (FP8 tensor cores)
+        self.x_fp16 = x_fp16  # x scaled per row into fp16 before the GEMM (FP8 weights)
         self.n = n  # output columns
         self.out_shape = out_shape
         self.split_k = split_k
@@ -1536,6 +1550,13 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
     table = _config_table(m_bucket)
     fp8_dot = _takes_fp8_dot(weight, m_bucket)
+    # FP8 weights converted in registers for a bf16 x: into fp16 instead, x scaled to match
+    x_fp16 = (
+        w_fp8
+        and not fp8_dot
+        and x.dtype == torch.bfloat16
+        and bool(kernels.utils.KERNEL_OPTIONS["fp8_fp16_x"])
+    )
     split_k = _pick_split_k(m_bucket, n, k, x.device, table)
     # the epilogue's constexprs and the launch options, shared by all three kernels
     shared_meta = {
@@ -1550,7 +1571,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     # FP8 dots: partial sums promoted to fp32 per K slice unless the fast-accumulation option
     fp8_promote = fp8_dot and not kernels.utils.KERNEL_OPTIONS["fp8_fast_accum"]
     key = (m_bucket, n, k, act_name, fused_gate, residual is not None, bias is not None, x.dtype,
-           w_fp8, fp8_dot, fp8_promote)  # fmt: skip
+           w_fp8, fp8_dot, fp8_promote, x_fp16)  # fmt: skip
 
     if m == 1 and kernels.utils.KERNEL_OPTIONS["fp8_matvec" if w_fp8 else "matvec"]:
         return _matvec_plan(n, k, out_shape, shared_meta, key, x.device)
@@ -1599,6 +1620,7 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
         **shared_meta,
         "CONFIG_TABLE": table,
         "FP8_PROMOTE": fp8_promote,
+        "X_FP16": x_fp16,
         "SWAP_AB": w_fp8 and not fp8_dot and bool(kernels.utils.KERNEL_OPTIONS["fp8_swap_ab"]),
         "SPLIT_K": split_k,
         "DOT_PRECISION": "tf32" if fp8_dot else dot_precision(x.dtype),  # (unused by FP8 dots)
@@ -1618,23 +1640,33 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
     epilogue = None
     if split_k > 1:
         epilogue = _splitk_epilogue(
-            m, n, split_k, shared_meta, block_m=32 if INTERPRET else 16, device=x.device
+            m, n, split_k, shared_meta, 32 if INTERPRET else 16, x.device, x_fp16
         )
     if INTERPRET:
         # the interpreter's fixed config: a decode table's first entry where that table is on
         config = _DECODE_CONFIGS[m_bucket][0].kwargs if table == "decode" else _INTERPRET_CONFIG
         main = KernelLaunch(_matmul_kernel, grid(config), {**meta, **config})
-        return _Plan(n, out_shape, split_k, main=main, epilogue=epilogue, fp8_dot=fp8_dot)
+        return _Plan(
+            n, out_shape, split_k, main=main, epilogue=epilogue, fp8_dot=fp8_dot, x_fp16=x_fp16
+        )
     tune = (_matmul_kernel, _matmul_kernel_tuned, (*key, split_k, table, meta["SWAP_AB"]), grid,
             meta)  # fmt: skip
-    return _Plan(n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot)
+    return _Plan(
+        n, out_shape, split_k, epilogue=epilogue, tune=tune, fp8_dot=fp8_dot, x_fp16=x_fp16
+    )
 
 
 def _plan_row_args(plan: _Plan, x, weight, bias, residual, out) -> _Plan:
     """Fix the integer arguments of a plan that launches one kernel on operands that are already
     rows (x, residual and out each a view as [rows, columns], bias contiguous), so each call
     passes its tensors as they are (their data pointers are those of the row views)."""
-    if plan.tma or plan.split_k > 1 or plan.fp8_dot or (plan.main is None and plan.tune is None):
+    if (
+        plan.tma
+        or plan.split_k > 1
+        or plan.fp8_dot
+        or plan.x_fp16
+        or (plan.main is None and plan.tune is None)
+    ):
         return plan
     k, n = x.shape[-1], plan.n
     x2 = _as_rows("x", x, k, view_only=False)
@@ -1654,9 +1686,16 @@ def _plan_row_args(plan: _Plan, x, weight, bias, residual, out) -> _Plan:
 
 
 def _splitk_epilogue(
-    m: int, n: int, split_k: int, shared_meta: dict, block_m: int, device: torch.device
+    m: int,
+    n: int,
+    split_k: int,
+    shared_meta: dict,
+    block_m: int,
+    device: torch.device,
+    x_fp16: bool = False,
 ) -> KernelLaunch:
-    """The launch of _splitk_epilogue_kernel summing split_k fp32 partials of an [m, n] output.
+    """The launch of _splitk_epilogue_kernel summing split_k fp32 partials of an [m, n] output
+    (x_fp16: x was scaled into fp16, its row scales apply as an FP8 x's do).
     Its columns per program shrink (down to 32) until the grid has _SPLITK_EPILOGUE_PROGRAMS_PER_SM
     programs per SM: at decode sizes the partials are a few MB, read fast only by many programs."""
     block_n = 128 if INTERPRET else 256
@@ -1664,10 +1703,12 @@ def _splitk_epilogue(
         wanted = _SPLITK_EPILOGUE_PROGRAMS_PER_SM * num_sms(device)
         while block_n > 32 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < wanted:
             block_n //= 2
+    meta = dict(shared_meta)
+    meta["X_SCALED"] = meta.pop("X_FP8", False) or x_fp16  # the kernel's name for either
     return KernelLaunch(
         _splitk_epilogue_kernel,
         (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
-        {**shared_meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
+        {**meta, "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n},
     )
 
 
@@ -1730,8 +1771,8 @@ def _epilogue_slices(config) -> int:
 
 
 def _launch(plan: _Plan, x2, weight, bias, res2, out2, alpha: float, w_scale, x_scale) -> None:
-    """Run a plan's kernels on 2D operands of its signature (x2 already FP8 when plan.fp8_dot,
-    with its row scales x_scale)."""
+    """Run a plan's kernels on 2D operands of its signature (x2 already FP8 when plan.fp8_dot, or
+    fp16 when plan.x_fp16, with its row scales x_scale)."""
     if plan.main is None and plan.tune[2] in _tuned_configs:
         # the autotune key was tuned (by this plan's first call or another signature's)
         kernel, _, key, grid, meta = plan.tune
@@ -1870,6 +1911,8 @@ def matmul(
     x_scale = None
     if plan.fp8_dot:
         x2, x_scale = quantize_fp8(x2, input_scale)
+    elif plan.x_fp16:
+        x2, x_scale = scale_to_fp16(x2)
     _launch(
         plan,
         x2,

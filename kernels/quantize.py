@@ -12,6 +12,13 @@ even, bit for bit what torch's cast to float8_e4m3fn gives after x * (1 / s) cla
 On the GPU the hardware's conversion rounds; Triton's interpreter truncates where rounding
 carries into the exponent, so there the value is rounded in fp32 first (round_to_e4m3) and the
 final cast converts an exactly representable value.
+
+scale_to_fp16 puts a row into fp16 instead, for matmuls whose FP8 weights convert to fp16 in one
+instruction per two values (to bf16 they take three per two): s = 2^(e - 14), where 2^e <= max|x_row|
+< 2^(e + 1), so the row's largest magnitude lands in [2^14, 2^15), within fp16's range whatever
+x's dtype. Multiplying by a power of two is exact, and fp16 holds 11 significant bits where bf16
+holds 8: every bf16 value within 2^-28 of its row's largest converts exactly, so a dot product of
+the scaled row times s is the bf16 row's own.
 """
 
 import torch
@@ -62,7 +69,27 @@ def _to_e4m3(v, q_ptr, HW_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quantize_fp8_kernel(
+def _fp16_row_scale(amax):
+    """(2^(e - 14), 2^(14 - e)) for 2^e <= amax < 2^(e + 1), built from amax's exponent bits (both
+    exact). e is kept >= -111 so both stay normal fp32: a row of zeros (or of values below 2^-111)
+    gets 2^-125 and converts to zeros (or to values of its own scale); inf and NaN rows stay so."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -111)
+    scale = ((e - 14 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_scale = ((14 - e + 127) << 23).to(tl.float32, bitcast=True)
+    return scale, inv_scale
+
+
+@triton.jit
+def _rounded(v, q_ptr, HW_ROUND: tl.constexpr, FP16: tl.constexpr):
+    """fp32 v (already scaled) rounded to q_ptr's dtype: fp16, or e4m3 clamped to +-448."""
+    if FP16:
+        return v.to(tl.float16)
+    return _to_e4m3(v, q_ptr, HW_ROUND)
+
+
+@triton.jit
+def _quantize_rows_kernel(
     x_ptr,  # [M, K], row stride x_stride_m
     q_ptr,  # [M, K] float8_e4m3fn, row stride q_stride_m
     scale_ptr,  # [M] fp32 out
@@ -73,6 +100,7 @@ def _quantize_fp8_kernel(
     STATIC: tl.constexpr,
     SINGLE_PASS: tl.constexpr,  # BLOCK_K >= K
     HW_ROUND: tl.constexpr,  # the GPU's own conversion rounds right (the interpreter's does not)
+    FP16: tl.constexpr,  # q is fp16, scaled by a power of two (scale_to_fp16)
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -95,22 +123,28 @@ def _quantize_fp8_kernel(
                 x_k = tl.load(x_row + k + offs_k, mask=k + offs_k < K, other=0.0)
                 amax_k = tl.maximum(amax_k, tl.abs(x_k.to(tl.float32)))
             amax = tl.max(amax_k, axis=0)
-        scale = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _MIN_SCALE)
+        if FP16:
+            scale, inv_scale = _fp16_row_scale(amax)
+        else:
+            scale = tl.maximum(tl.math.div_rn(amax, _E4M3_MAX), _MIN_SCALE)
     tl.store(scale_ptr + row, scale)
-    inv_scale = tl.math.div_rn(1.0, scale)
+    if not FP16:
+        inv_scale = tl.math.div_rn(1.0, scale)
     if SINGLE_PASS:
-        tl.store(q_row + offs_k, _to_e4m3(x * inv_scale, q_ptr, HW_ROUND), mask=mask)
+        tl.store(q_row + offs_k, _rounded(x * inv_scale, q_ptr, HW_ROUND, FP16), mask=mask)
     else:  # a second read to round
         for k in range(0, K, BLOCK_K):
             mask_k = k + offs_k < K
             x_k = tl.load(x_row + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            tl.store(q_row + k + offs_k, _to_e4m3(x_k * inv_scale, q_ptr, HW_ROUND), mask=mask_k)
+            tl.store(
+                q_row + k + offs_k, _rounded(x_k * inv_scale, q_ptr, HW_ROUND, FP16), mask=mask_k
+            )
 
 
 _plans = PlanCache()
 
 
-def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
+def _plan(x: torch.Tensor, input_scale: torch.Tensor | None, fp16: bool) -> KernelLaunch:
     """Checks the inputs of a new signature and fixes its launch."""
     if x.dim() != 2:
         raise ValueError(f"x: expected shape [M, K], got {tuple(x.shape)}")
@@ -133,11 +167,12 @@ def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
         "STATIC": input_scale is not None,
         "SINGLE_PASS": block_k >= k,
         "HW_ROUND": not INTERPRET,
+        "FP16": fp16,
         "BLOCK_K": block_k,
         "num_warps": 4 if INTERPRET else min(max(block_k // 256, 1), 8),
         **pdl_meta(x.device, x.shape[0]),
     }
-    return KernelLaunch(_quantize_fp8_kernel, (x.shape[0],), meta)
+    return KernelLaunch(_quantize_rows_kernel, (x.shape[0],), meta)
 
 
 def quantize_fp8(
@@ -148,12 +183,25 @@ def quantize_fp8(
     if torch.compiler.is_compiling():
         q, scales = torch.ops.zoo.quantize_fp8(x, input_scale)
         return q, scales
-    key = (tensor_key(x), tensor_key(input_scale))
+    return _quantize_rows(x, input_scale, torch.float8_e4m3fn)
+
+
+def scale_to_fp16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q fp16 [M, K], scales fp32 [M]) of x [M, K]: each row times a power of two (its largest
+    magnitude in [2^14, 2^15)), x == q * scales[:, None] for every bf16 value within 2^-28 of its
+    row's largest."""
+    return _quantize_rows(x, None, torch.float16)
+
+
+def _quantize_rows(
+    x: torch.Tensor, input_scale: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (tensor_key(x), tensor_key(input_scale), dtype)
     launch = _plans.get(key)
     if launch is None:
-        launch = _plans.put(key, _plan(x, input_scale))
+        launch = _plans.put(key, _plan(x, input_scale, dtype == torch.float16))
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    q = torch.empty((m, k), dtype=dtype, device=x.device)
     scales = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scales

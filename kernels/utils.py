@@ -81,6 +81,9 @@ KERNEL_OPTION_CHOICES = {
     # FP8 weights converted in registers (2 <= M <= fp8_dot_min_m): out^T = W x^T, so the
     # converted weight tile is the dot's left operand, which the tensor cores read from registers
     "fp8_swap_ab": (1, 0),
+    # FP8 weights converted in registers for a bf16 x: into fp16 (one conversion per two weights,
+    # where bf16 takes three), x scaled per row by a power of two into fp16 first (scale_to_fp16)
+    "fp8_fp16_x": (1, 0),
     # FP8 weights: M buckets above this quantize x per row for the FP8 tensor cores (at or below
     # it the weights are converted in registers for a 16-bit tl.dot)
     "fp8_dot_min_m": (64, 16),

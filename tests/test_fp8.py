@@ -29,7 +29,7 @@ import kernels.matmul as matmul_module
 import zoo
 from convert.fp8 import E4M3_MAX, dequantize_rows, quantize_rows, row_scales
 from kernels.matmul import matmul
-from kernels.quantize import quantize_fp8
+from kernels.quantize import quantize_fp8, scale_to_fp16
 from zoo.layers import Linear
 from zoo.quant import FP8Linear
 
@@ -84,6 +84,71 @@ def test_quantize_kernel_matches_torch_bit_for_bit(dtype, static, k):
     expected = expected.to(torch.float8_e4m3fn)
     assert torch.equal(scales, expected_scales)
     assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scale_to_fp16(dtype):
+    """Each row times a power of two, its largest magnitude in [2^14, 2^15): bf16 and fp16 rows
+    come back exactly (values within 2^-28 of the row's largest), fp32 ones within fp16's
+    rounding; a zero row stays zero and an inf stays inf. (bf16 only loads and converts here,
+    which the interpreter does right.)"""
+    big = 3e4 if dtype == torch.float16 else 1e30
+    x = torch.randn(9, 200) * torch.logspace(-6 if dtype == torch.float16 else -30, 0, 9)[:, None]
+    x[-1] *= big / x[-1].abs().max()
+    x[3] = 0.0
+    x[4, 7] = float("inf")
+    x = x.to(dtype).to(DEVICE)
+    q, scales = scale_to_fp16(x)
+    assert q.dtype == torch.float16 and q.shape == x.shape and scales.shape == (9,)
+    assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)  # powers of two
+    finite = torch.ones(9, dtype=torch.bool, device=DEVICE)
+    finite[[3, 4]] = False
+    amax = q[finite].float().abs().amax(1)
+    assert ((amax >= 2**14) & (amax < 2**15)).all()
+    assert torch.equal(q[3], torch.zeros_like(q[3])) and q[4, 7] == float("inf")
+    back = q[finite].double() * scales[finite, None].double()
+    x64 = x[finite].double()
+    if dtype == torch.float32:  # fp16 keeps 11 significant bits
+        tiny = x64.abs().amax(1, keepdim=True) * 2.0**-28
+        assert ((back - x64).abs() <= torch.maximum(x64.abs() * 2.0**-11, tiny)).all()
+    else:
+        representable = x64.abs() >= x64.abs().amax(1, keepdim=True) * 2.0**-28
+        assert torch.equal(back[representable], x64[representable])
+
+
+@pytest.mark.parametrize(
+    "m, activation, k",
+    [
+        (2, None, 96),
+        (7, "silu_mul", 3072),  # K split on the GPU: the row scales in the split's epilogue
+        (33, None, 3072),
+        (64, "silu_mul", 96),
+    ],
+)
+def test_fp8_weights_with_bf16_x_scaled_into_fp16(kernel_options, m, activation, k):
+    """Kernel option fp8_fp16_x: a bf16 x scaled per row into fp16, FP8 weights converted to fp16
+    for the dot. Rows of magnitudes 1e-6..1e6 (and one of zeros), each against float64 within
+    bf16's tolerance of its own size; on the GPU also against the weights converted to bf16
+    (fp8_fp16_x=0), which computes the same exact products."""
+    n = 202
+    scale_rows = torch.logspace(-6, 6, m, device=DEVICE)[:, None]
+    x = (torch.randn(m, k, device=DEVICE) * scale_rows).to(torch.bfloat16)
+    x[m // 2] = 0.0
+    weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
+    n_out = n // 2 if activation else n
+    residual = (torch.randn(m, n_out, device=DEVICE) * scale_rows).to(torch.bfloat16)
+    kernel_options(fp8_fp16_x=1)
+    y = matmul(x, weight, activation=activation, residual=residual, weight_scale=scale)
+    assert any(plan.x_fp16 for plan in matmul_module._plans.values()), "x was not put in fp16"
+    expected = _reference(x, weight, scale, None, activation, residual, 1.0)
+    rtol = KERNEL_RTOL[torch.bfloat16]
+    for row in range(m):
+        assert_close(y[row], expected[row], rtol, f"fp16 x, row {row} of m={m} k={k}")
+    if DEVICE == "cuda":
+        kernel_options(fp8_fp16_x=0)
+        in_bf16 = matmul(x, weight, activation=activation, residual=residual, weight_scale=scale)
+        for row in range(m):
+            assert_close(y[row], in_bf16[row], rtol, f"fp16 x against bf16, row {row}")
 
 
 def _reference(x, weight, scale, bias, activation, residual, alpha, x_scale_input=None):
