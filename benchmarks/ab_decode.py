@@ -9,7 +9,8 @@ Variants alternate inside each run, and every variant gets a fresh decode runner
 graph), timed as bench_decoder.py times a step: `generate` with and without the new tokens, the
 difference per token. Each shape's floor (the step's bytes over the measured copy bandwidth, or
 its FLOPs over the measured matmul rate, at the mean context) stands beside the times, with each
-variant's best % of it.
+variant's best % of it, and beside each run the card's mean SM clock, power draw and share of
+the time its power cap lowered the clocks (nvidia-smi, sampled while the run was timed).
 
     PYTHONPATH=. python benchmarks/ab_decode.py --shapes 1x128x128,32x512x64 \\
         --variant base= --variant split-table=decode_split_table=1 --variant no-norm=skip:norm
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decoder import decode_timing, ours_generate, step_bytes, step_flops  # noqa: E402
-from common import Roofline, parse_shapes, write_result  # noqa: E402
+from common import ClockLog, Roofline, parse_shapes, write_result  # noqa: E402
 
 import kernels.utils  # noqa: E402
 import zoo  # noqa: E402
@@ -99,6 +100,7 @@ def main() -> None:
     weights = args.quantize or str(next(model.parameters()).dtype).removeprefix("torch.")
     results = []
     start = time.perf_counter()
+    clocks = ClockLog() if device == "cuda" else None
     with torch.inference_mode():
         for batch, prompt, new in parse_shapes(args.shapes):
             ids = torch.randint(0, vocab, (batch, prompt), device=device)
@@ -106,9 +108,12 @@ def main() -> None:
                 for name, options, skips in variants:
                     apply_variant({**default_options, **options}, skips)
                     model.engine.reset()  # a new runner: this variant's kernels in its graph
+                    timed_from = time.time()
                     step_s, _ = decode_timing(ours_generate(model, not args.eager), ids, new)
                     row = {"shape": f"{batch}x{prompt}x{new}", "variant": name, "run": run,
                            "ms_per_step": 1e3 * step_s}  # fmt: skip
+                    if clocks is not None:  # what the card ran at while this run was timed
+                        row.update(clocks.summary(timed_from, time.time()))
                     if roofline is not None:
                         context = prompt + new / 2  # mean context of the decode steps
                         row.update(roofline.fields(step_s, step_bytes(model, batch, context),
@@ -116,6 +121,8 @@ def main() -> None:
                     results.append(row)
                     print(json.dumps(row), flush=True)
     apply_variant(default_options, ())
+    if clocks is not None:
+        clocks.close()
     print(f"\n{args.model} ({weights}), ms per decode step, {args.runs} runs:")
     for batch, prompt, new in parse_shapes(args.shapes):
         shape = f"{batch}x{prompt}x{new}"
@@ -129,6 +136,11 @@ def main() -> None:
             line = " ".join(f"{r['ms_per_step']:.3f}" for r in runs)
             if roofline is not None:
                 line += f"  (best {max(r['roofline_pct'] for r in runs):.0f}% of the floor)"
+            if all("sm_mhz_mean" in r for r in runs):
+                line += "; SM MHz, W, % power-capped per run: " + ", ".join(
+                    f"{r['sm_mhz_mean']:.0f} {r['watts_mean']:.0f} {r['power_capped_pct']:.0f}%"
+                    for r in runs
+                )
             print(f"{shape:>12} {name:>16}: {line}")
     print(f"took {time.perf_counter() - start:.0f}s")
     if args.out:

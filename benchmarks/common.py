@@ -6,6 +6,8 @@ import inspect
 import json
 import os
 import re
+import subprocess
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -179,6 +181,56 @@ def gpu_kernel_ms(fn) -> tuple[float, int]:
         and not e.name.startswith(("Memcpy", "Memset"))
     ]
     return sum(e.device_time_total for e in kernels) / 1e3, len(kernels)
+
+
+class ClockLog:
+    """The card's SM clock, power draw and power-cap flag, sampled by nvidia-smi in the background
+    (read-only queries; nothing is set), so that a timed interval reports what the card ran at.
+    Without nvidia-smi it records nothing and summaries are empty."""
+
+    # clock-event bit 0x4: the software power cap is lowering the clocks
+    _POWER_CAP = 0x4
+
+    def __init__(self, interval_ms: int = 100) -> None:
+        self.samples: list[tuple[float, float, float, bool]] = []  # time, MHz, W, power capped
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        query = "clocks.sm,power.draw,clocks_throttle_reasons.active"
+        command = ["nvidia-smi", f"--id={index}", f"--query-gpu={query}"]
+        command += ["--format=csv,noheader,nounits", f"--loop-ms={interval_ms}"]
+        try:
+            self._process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        except OSError:
+            self._process = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            try:
+                mhz, watts, reasons = (field.strip() for field in line.split(","))
+                capped = bool(int(reasons, 16) & self._POWER_CAP)
+                self.samples.append((time.time(), float(mhz), float(watts), capped))
+            except ValueError:  # a header or a field the card does not report
+                continue
+
+    def summary(self, start: float, end: float) -> dict:
+        """Mean and lowest SM clock, mean power and % of samples power-capped in [start, end]
+        (time.time() seconds); empty if no sample falls inside."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return {}
+        return {
+            "sm_mhz_mean": sum(s[1] for s in inside) / len(inside),
+            "sm_mhz_min": min(s[1] for s in inside),
+            "watts_mean": sum(s[2] for s in inside) / len(inside),
+            "power_capped_pct": 100 * sum(s[3] for s in inside) / len(inside),
+        }
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
