@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="alternations of all variants")
     parser.add_argument("--variant", action="append", required=True, help="name=spec")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (CPU smoke runs)")
+    parser.add_argument(
+        "--configs", action="store_true", help="print the matmul autotuner's picks at the end"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variant]
@@ -142,6 +145,10 @@ def main() -> None:
                     for r in runs
                 )
             print(f"{shape:>12} {name:>16}: {line}")
+    if args.configs:  # one line per autotune key (shape, epilogue, options) and its config
+        print("\nmatmul configs picked:")
+        for key, config in kernels.matmul._tuned_configs.items():
+            print(f"  {key}: {config}")
     print(f"took {time.perf_counter() - start:.0f}s")
     if args.out:
         device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
