@@ -91,7 +91,7 @@ def _rounded(v, q_ptr, HW_ROUND: tl.constexpr, FP16: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr,  # [M, K], row stride x_stride_m
-    q_ptr,  # [M, K] float8_e4m3fn, row stride q_stride_m
+    q_ptr,  # [M, K] float8_e4m3fn, or fp16 (scale_to_fp16), row stride q_stride_m
     scale_ptr,  # [M] fp32 out
     input_scale_ptr,  # [1] fp32: the static scale (read only when STATIC)
     K,
@@ -100,10 +100,11 @@ def _quantize_rows_kernel(
     STATIC: tl.constexpr,
     SINGLE_PASS: tl.constexpr,  # BLOCK_K >= K
     HW_ROUND: tl.constexpr,  # the GPU's own conversion rounds right (the interpreter's does not)
-    FP16: tl.constexpr,  # q is fp16, scaled by a power of two (scale_to_fp16)
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    # an fp16 q is x scaled by a power of two (scale_to_fp16), not FP8
+    FP16: tl.constexpr = q_ptr.dtype.element_ty == tl.float16
     wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -144,7 +145,7 @@ def _quantize_rows_kernel(
 _plans = PlanCache()
 
 
-def _plan(x: torch.Tensor, input_scale: torch.Tensor | None, fp16: bool) -> KernelLaunch:
+def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
     """Checks the inputs of a new signature and fixes its launch."""
     if x.dim() != 2:
         raise ValueError(f"x: expected shape [M, K], got {tuple(x.shape)}")
@@ -167,7 +168,6 @@ def _plan(x: torch.Tensor, input_scale: torch.Tensor | None, fp16: bool) -> Kern
         "STATIC": input_scale is not None,
         "SINGLE_PASS": block_k >= k,
         "HW_ROUND": not INTERPRET,
-        "FP16": fp16,
         "BLOCK_K": block_k,
         "num_warps": 4 if INTERPRET else min(max(block_k // 256, 1), 8),
         **pdl_meta(x.device, x.shape[0]),
@@ -199,7 +199,7 @@ def _quantize_rows(
     key = (tensor_key(x), tensor_key(input_scale), dtype)
     launch = _plans.get(key)
     if launch is None:
-        launch = _plans.put(key, _plan(x, input_scale, dtype == torch.float16))
+        launch = _plans.put(key, _plan(x, input_scale))
     m, k = x.shape
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     scales = torch.empty(m, dtype=torch.float32, device=x.device)
