@@ -5,6 +5,8 @@ Each variant is NAME=SPEC: a set of kernel options (ZOO_KERNELS syntax, e.g.
 skip:rope), comma-separated; an empty SPEC is the defaults. A skipped kernel's output is left as
 it came in (the RMSNorm returns its input; RoPE + cache write neither rotates nor writes), so the
 outputs are wrong: the time saved is an upper bound of what fusing that kernel away could save.
+(FP8 projections compute their input's RMSNorm themselves, fp8_fused_norm: skip:norm leaves
+those as they are.)
 Variants alternate inside each run, and every variant gets a fresh decode runner (its own CUDA
 graph), timed as bench_decoder.py times a step: `generate` with and without the new tokens, the
 difference per token. Each shape's floor (the step's bytes over the measured copy bandwidth, or

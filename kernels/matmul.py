@@ -50,7 +50,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 import kernels.utils
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
-from kernels.quantize import quantize_fp8, scale_to_fp16
+from kernels.norm import rms_norm
+from kernels.quantize import NORM_MAX_K, quantize_fp8, rms_norm_scaled, scale_to_fp16
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -1427,7 +1428,7 @@ class _Plan:
 
     __slots__ = (
         "n", "out_shape", "split_k", "tma", "tma_blocks", "main", "epilogue", "tune", "fp8_dot",
-        "x_fp16", "row_args", "tma_split",
+        "x_fp16", "row_args", "tma_split", "norm_fused",
     )  # fmt: skip
 
     def __init__(
@@ -1458,6 +1459,9 @@ class _Plan:
         # the integer arguments of a one-kernel plan whose operands are passed as they are (x,
         # residual and out viewed as rows, bias contiguous): set by _plan_row_args
         self.row_args = None
+        # x's RMSNorm (rms_norm_weight) computed by the kernel that converts x (fp8_dot or
+        # x_fp16): set by matmul; without a conversion the norm kernel runs first
+        self.norm_fused = False
 
 
 _plans = PlanCache()
@@ -1490,7 +1494,9 @@ def _check_fp8_weight(weight, weight_scale, input_scale, x) -> None:
         )
 
 
-def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale) -> _Plan:
+def _plan(
+    x, weight, bias, activation, residual, out, weight_scale, input_scale, rms_norm_weight=None
+) -> _Plan:
     """Checks the inputs of a new signature and fixes its kernel, split and launches."""
     if activation not in _ACTIVATIONS:
         raise ValueError(
@@ -1542,6 +1548,13 @@ def _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
             )
         _check_same("out", out, x)
         _as_rows("out", out, n, view_only=True)  # raises if out cannot be written in place
+    if rms_norm_weight is not None:
+        if rms_norm_weight.shape != (k,):
+            raise ValueError(
+                f"rms_norm_weight: expected shape ({k},) for x of shape {tuple(x.shape)}, got "
+                f"{tuple(rms_norm_weight.shape)}"
+            )
+        _check_same("rms_norm_weight", rms_norm_weight, x)
     x2 = _as_rows("x", x, k, view_only=False)
     m = x2.shape[0]
     if m == 0 or n == 0:
@@ -1852,6 +1865,8 @@ def matmul(
     out: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
     input_scale: torch.Tensor | None = None,
+    rms_norm_weight: torch.Tensor | None = None,
+    rms_norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """y = residual + alpha * act(x @ weight.T + bias), with x: [..., K] and weight: [N, K].
 
@@ -1864,14 +1879,20 @@ def matmul(
     (weight_scale fp32 [N]). Small M reads the FP8 weight and converts it in registers; large M
     on FP8 tensor cores quantizes x per row first (kernels/quantize.py), with the static
     input_scale (one fp32 value) when given, else a scale per row.
+
+    rms_norm_weight: x is first normalised, rms_norm(x, rms_norm_weight, rms_norm_eps)
+    (kernels/norm.py). Where x is converted for FP8 weights (scaled into fp16, or quantized to
+    FP8) the conversion's kernel computes the norm too (kernels/quantize.py rms_norm_scaled),
+    with the same result; otherwise the norm kernel runs first.
     """
     if torch.compiler.is_compiling():
+        norm = (rms_norm_weight, float(rms_norm_eps))
         if out is None:
             return torch.ops.zoo.matmul(
-                x, weight, bias, activation, residual, alpha, weight_scale, input_scale
+                x, weight, bias, activation, residual, alpha, weight_scale, input_scale, *norm
             )
         torch.ops.zoo.matmul_out(
-            x, weight, bias, activation, residual, alpha, weight_scale, input_scale, out
+            x, weight, bias, activation, residual, alpha, weight_scale, input_scale, *norm, out
         )
         return out
     key = (
@@ -1883,11 +1904,32 @@ def matmul(
         tensor_key(out),
         tensor_key(weight_scale),
         tensor_key(input_scale),
+        tensor_key(rms_norm_weight),
     )
     plan = _plans.get(key)
     if plan is None:
-        plan = _plan(x, weight, bias, activation, residual, out, weight_scale, input_scale)
+        plan = _plan(
+            x, weight, bias, activation, residual, out, weight_scale, input_scale, rms_norm_weight
+        )
+        plan.norm_fused = (
+            rms_norm_weight is not None
+            and (plan.fp8_dot or plan.x_fp16)
+            and bool(kernels.utils.KERNEL_OPTIONS["fp8_fused_norm"])
+            and x.shape[-1] <= NORM_MAX_K
+        )
         plan = _plans.put(key, _plan_row_args(plan, x, weight, bias, residual, out))
+    if rms_norm_weight is not None and not plan.norm_fused:  # no conversion to fuse it into
+        return matmul(
+            rms_norm(x, rms_norm_weight, rms_norm_eps),
+            weight,
+            bias,
+            activation=activation,
+            residual=residual,
+            alpha=alpha,
+            out=out,
+            weight_scale=weight_scale,
+            input_scale=input_scale,
+        )
     if out is None:
         out = x.new_empty(plan.out_shape)
     if plan.row_args is not None and plan.main is not None:
@@ -1909,7 +1951,14 @@ def matmul(
     k = x.shape[-1]
     x2 = _as_rows("x", x, k, view_only=False)
     x_scale = None
-    if plan.fp8_dot:
+    if plan.norm_fused:
+        if plan.fp8_dot:
+            x2, x_scale = rms_norm_scaled(
+                x2, rms_norm_weight, rms_norm_eps, torch.float8_e4m3fn, input_scale
+            )
+        else:
+            x2, x_scale = rms_norm_scaled(x2, rms_norm_weight, rms_norm_eps, torch.float16)
+    elif plan.fp8_dot:
         x2, x_scale = quantize_fp8(x2, input_scale)
     elif plan.x_fp16:
         x2, x_scale = scale_to_fp16(x2)
@@ -1939,6 +1988,8 @@ def _matmul_op(
     alpha: float,
     weight_scale: torch.Tensor | None,
     input_scale: torch.Tensor | None,
+    rms_norm_weight: torch.Tensor | None,
+    rms_norm_eps: float,
 ) -> torch.Tensor:
     return matmul(
         x,
@@ -1949,11 +2000,13 @@ def _matmul_op(
         alpha=alpha,
         weight_scale=weight_scale,
         input_scale=input_scale,
+        rms_norm_weight=rms_norm_weight,
+        rms_norm_eps=rms_norm_eps,
     )
 
 
 @_matmul_op.register_fake
-def _(x, weight, bias, activation, residual, alpha, weight_scale, input_scale):
+def _(x, weight, bias, activation, residual, alpha, weight_scale, input_scale, *norm):
     fused_gate = _ACTIVATIONS.get(activation, (None, False))[1]  # (the real call checks it)
     n = weight.shape[0] // 2 if fused_gate else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
@@ -1969,6 +2022,8 @@ def _matmul_out_op(
     alpha: float,
     weight_scale: torch.Tensor | None,
     input_scale: torch.Tensor | None,
+    rms_norm_weight: torch.Tensor | None,
+    rms_norm_eps: float,
     out: torch.Tensor,
 ) -> None:
     matmul(
@@ -1981,9 +2036,11 @@ def _matmul_out_op(
         out=out,
         weight_scale=weight_scale,
         input_scale=input_scale,
+        rms_norm_weight=rms_norm_weight,
+        rms_norm_eps=rms_norm_eps,
     )
 
 
 @_matmul_out_op.register_fake
-def _(x, weight, bias, activation, residual, alpha, weight_scale, input_scale, out):
+def _(x, weight, bias, activation, residual, alpha, weight_scale, input_scale, *norm_out):
     return None

@@ -77,6 +77,12 @@ def _norm_kernel(
 _plans = PlanCache()
 
 
+def norm_warps(block_n: int) -> int:
+    """Warps of one row's program (kernels/quantize.py's fused RMSNorm takes the same, so that
+    its sum of squares adds in the same order)."""
+    return min(max(block_n // 256, 1), 16)
+
+
 class _Plan:
     """One signature's launch and what every call of it allocates: outputs of x's shape, written
     as [rows, N] (x's own shape and strides are part of the signature)."""
@@ -112,7 +118,7 @@ def _plan(x, weight, bias, residual, is_rms) -> _Plan:
         "HAS_RESIDUAL": residual is not None,
         "HAS_BIAS": bias is not None,
         "BLOCK_N": block_n,
-        "num_warps": 4 if INTERPRET else min(max(block_n // 256, 1), 16),
+        "num_warps": 4 if INTERPRET else norm_warps(block_n),
         **pdl_meta(x.device, rows),
     }
     # x (and residual) as [rows, N]: a view where the strides allow, else a copy per call

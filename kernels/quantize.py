@@ -19,6 +19,11 @@ instruction per two values (to bf16 they take three per two): s = 2^(e - 14), wh
 x's dtype. Multiplying by a power of two is exact, and fp16 holds 11 significant bits where bf16
 holds 8: every bf16 value within 2^-28 of its row's largest converts exactly, so a dot product of
 the scaled row times s is the bf16 row's own.
+
+rms_norm_scaled fuses the RMSNorm that produces a matmul's input into either: the row is
+normalised as kernels/norm.py does (fp32 statistics, rounded to x's dtype before and after the
+weight multiply), then scaled as above, in one kernel that reads the row once; its output is what
+the norm followed by quantize_fp8 or scale_to_fp16 gives.
 """
 
 import torch
@@ -27,6 +32,7 @@ import triton.language as tl
 
 from convert.fp8 import E4M3_MAX, MIN_SCALE
 from kernels.launch import KernelLaunch, PlanCache, tensor_key
+from kernels.norm import norm_warps
 from kernels.utils import (
     INTERPRET,
     check_last_dim_contiguous,
@@ -41,6 +47,7 @@ _MIN_SCALE = tl.constexpr(MIN_SCALE)  # a row of zeros: any positive scale gives
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SINGLE_PASS_MAX_K = 16384  # 64 fp32 values per thread of 8 warps
 _MULTI_PASS_BLOCK_K = 2048
+NORM_MAX_K = _SINGLE_PASS_MAX_K  # rms_norm_scaled holds the row in registers
 
 
 @triton.jit
@@ -94,10 +101,13 @@ def _quantize_rows_kernel(
     q_ptr,  # [M, K] float8_e4m3fn, or fp16 (scale_to_fp16), row stride q_stride_m
     scale_ptr,  # [M] fp32 out
     input_scale_ptr,  # [1] fp32: the static scale (read only when STATIC)
+    norm_weight_ptr,  # [K]: the RMSNorm's weight (read only when NORM)
     K,
     x_stride_m,
     q_stride_m,
+    eps,
     STATIC: tl.constexpr,
+    NORM: tl.constexpr,  # x is the RMSNorm of x's rows (SINGLE_PASS only)
     SINGLE_PASS: tl.constexpr,  # BLOCK_K >= K
     HW_ROUND: tl.constexpr,  # the GPU's own conversion rounds right (the interpreter's does not)
     BLOCK_K: tl.constexpr,
@@ -113,6 +123,11 @@ def _quantize_rows_kernel(
     if SINGLE_PASS:  # the whole row stays in registers: read once, its max and its rounding
         mask = offs_k < K
         x = tl.load(x_row + offs_k, mask=mask, other=0.0).to(tl.float32)
+        if NORM:  # kernels/norm.py's RMSNorm, rounded to x's dtype as that kernel's output is
+            x_dtype: tl.constexpr = x_ptr.dtype.element_ty
+            normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+            norm_weight = tl.load(norm_weight_ptr + offs_k, mask=mask, other=0.0).to(tl.float32)
+            x = (norm_weight * normed.to(x_dtype).to(tl.float32)).to(x_dtype).to(tl.float32)
     if STATIC:
         scale = tl.load(input_scale_ptr)
     else:
@@ -145,7 +160,9 @@ def _quantize_rows_kernel(
 _plans = PlanCache()
 
 
-def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
+def _plan(
+    x: torch.Tensor, input_scale: torch.Tensor | None, norm_weight: torch.Tensor | None
+) -> KernelLaunch:
     """Checks the inputs of a new signature and fixes its launch."""
     if x.dim() != 2:
         raise ValueError(f"x: expected shape [M, K], got {tuple(x.shape)}")
@@ -161,15 +178,34 @@ def _plan(x: torch.Tensor, input_scale: torch.Tensor | None) -> KernelLaunch:
         if input_scale.device != x.device:
             raise ValueError(f"input_scale: device {input_scale.device} != x's {x.device}")
     k = x.shape[1]
+    if norm_weight is not None:
+        if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+            raise ValueError(
+                f"norm_weight: expected {x.dtype} of shape ({k},) for x of shape "
+                f"{tuple(x.shape)}, got {norm_weight.dtype} of shape {tuple(norm_weight.shape)}"
+            )
+        if norm_weight.device != x.device:
+            raise ValueError(f"norm_weight: device {norm_weight.device} != x's {x.device}")
+        if k > _SINGLE_PASS_MAX_K:
+            raise ValueError(
+                f"x: rows of {k} > {_SINGLE_PASS_MAX_K} values cannot be normalised here"
+            )
     # rows up to _SINGLE_PASS_MAX_K are held whole in registers (every model's K); longer ones
     # are read twice, in steps: once for their max, once to round
     block_k = next_pow2(k) if k <= _SINGLE_PASS_MAX_K else _MULTI_PASS_BLOCK_K
+    if INTERPRET:
+        num_warps = 4
+    elif norm_weight is not None:  # the norm kernel's warps: its sum of squares in its order
+        num_warps = norm_warps(block_k)
+    else:
+        num_warps = min(max(block_k // 256, 1), 8)
     meta = {
         "STATIC": input_scale is not None,
+        "NORM": norm_weight is not None,
         "SINGLE_PASS": block_k >= k,
         "HW_ROUND": not INTERPRET,
         "BLOCK_K": block_k,
-        "num_warps": 4 if INTERPRET else min(max(block_k // 256, 1), 8),
+        "num_warps": num_warps,
         **pdl_meta(x.device, x.shape[0]),
     }
     return KernelLaunch(_quantize_rows_kernel, (x.shape[0],), meta)
@@ -193,13 +229,34 @@ def scale_to_fp16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rows(x, None, torch.float16)
 
 
-def _quantize_rows(
-    x: torch.Tensor, input_scale: torch.Tensor | None, dtype: torch.dtype
+def rms_norm_scaled(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (tensor_key(x), tensor_key(input_scale), dtype)
+    """(q, scales) of y = rms_norm(x, norm_weight, eps) (kernels/norm.py, y in x's dtype) in one
+    kernel: quantize_fp8(y, input_scale) for dtype float8_e4m3fn, scale_to_fp16(y) for float16.
+    x: [M, K] with K <= 16384."""
+    if dtype not in (torch.float8_e4m3fn, torch.float16):
+        raise ValueError(f"dtype: expected torch.float8_e4m3fn or torch.float16, got {dtype}")
+    if dtype == torch.float16 and input_scale is not None:
+        raise ValueError("input_scale: fp16 rows take a power of two per row, not a static scale")
+    return _quantize_rows(x, input_scale, dtype, norm_weight, eps)
+
+
+def _quantize_rows(
+    x: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    dtype: torch.dtype,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (tensor_key(x), tensor_key(input_scale), dtype, tensor_key(norm_weight))
     launch = _plans.get(key)
     if launch is None:
-        launch = _plans.put(key, _plan(x, input_scale))
+        launch = _plans.put(key, _plan(x, input_scale, norm_weight))
     m, k = x.shape
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     scales = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -210,9 +267,11 @@ def _quantize_rows(
         q,
         scales,
         input_scale if input_scale is not None else scales,
+        norm_weight if norm_weight is not None else scales,
         k,
         x.stride(0),
         q.stride(0),
+        float(eps),
     )
     return q, scales
 

@@ -84,6 +84,9 @@ KERNEL_OPTION_CHOICES = {
     # FP8 weights converted in registers for a bf16 x: into fp16 (one conversion per two weights,
     # where bf16 takes three), x scaled per row by a power of two into fp16 first (scale_to_fp16)
     "fp8_fp16_x": (1, 0),
+    # FP8 weights: the RMSNorm of a projection's input (matmul's rms_norm_weight) computed by the
+    # kernel that scales x into fp16 or quantizes it to FP8, instead of a norm kernel before it
+    "fp8_fused_norm": (1, 0),
     # FP8 weights: M buckets above this quantize x per row for the FP8 tensor cores (at or below
     # it the weights are converted in registers for a 16-bit tl.dot)
     "fp8_dot_min_m": (64, 16),

@@ -195,11 +195,13 @@ def _opcheck_cases():
     return {
         "matmul": (
             torch.ops.zoo.matmul,
-            (randn(5, 24), randn(37, 24), randn(37), "gelu", randn(5, 37), 0.5, None, None),
+            (randn(5, 24), randn(37, 24), randn(37), "gelu", randn(5, 37), 0.5, None, None)
+            + (randn(24), 1e-6),  # x through an RMSNorm first
         ),
         "matmul_out": (
             torch.ops.zoo.matmul_out,
-            (randn(5, 24), randn(74, 24), None, "silu_mul", None, 1.0, None, None, randn(5, 37)),
+            (randn(5, 24), randn(74, 24), None, "silu_mul", None, 1.0, None, None, None, 0.0)
+            + (randn(5, 37),),
         ),
         "quantize_fp8": (torch.ops.zoo.quantize_fp8, (randn(5, 40), None)),
         "rms_norm": (torch.ops.zoo.rms_norm, (randn(3, 5, 40), randn(40), 1e-6, randn(3, 5, 40))),
@@ -294,8 +296,11 @@ def test_opcheck_fp8_matmul():
     multiplies the inputs, which torch does not implement for float8 on the CPU: left out."""
     x = torch.randn(70, 32, device=DEVICE)
     weight = torch.randn(37, 32, device=DEVICE).to(torch.float8_e4m3fn)
-    args = (x, weight, None, None, None, 1.0, torch.rand(37, device=DEVICE) + 0.5, None)
+    args = (x, weight, None, None, None, 1.0, torch.rand(37, device=DEVICE) + 0.5)
     utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.zoo.matmul, args, test_utils=utils)
-    static = (*args[:-1], torch.tensor([0.5], device=DEVICE))
+    torch.library.opcheck(torch.ops.zoo.matmul, (*args, None, None, 0.0), test_utils=utils)
+    static = (*args, torch.tensor([0.5], device=DEVICE), None, 0.0)
     torch.library.opcheck(torch.ops.zoo.matmul, static, test_utils=utils)
+    # x's RMSNorm fused into its quantization
+    normed = (*args, None, torch.rand(32, device=DEVICE) + 0.5, 1e-6)
+    torch.library.opcheck(torch.ops.zoo.matmul, normed, test_utils=utils)

@@ -29,7 +29,8 @@ import kernels.matmul as matmul_module
 import zoo
 from convert.fp8 import E4M3_MAX, dequantize_rows, quantize_rows, row_scales
 from kernels.matmul import matmul
-from kernels.quantize import quantize_fp8, scale_to_fp16
+from kernels.norm import rms_norm
+from kernels.quantize import quantize_fp8, rms_norm_scaled, scale_to_fp16
 from zoo.layers import Linear
 from zoo.quant import FP8Linear
 
@@ -114,6 +115,71 @@ def test_scale_to_fp16(dtype):
     else:
         representable = x64.abs() >= x64.abs().amax(1, keepdim=True) * 2.0**-28
         assert torch.equal(back[representable], x64[representable])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target", ["fp8", "fp8-static", "fp16"])
+def test_rms_norm_scaled(dtype, target):
+    """The RMSNorm fused into the row scaling gives the bits of the norm kernel followed by the
+    scaling kernel: q and the row scales, at an odd K, rows of different sizes and a zero row."""
+    k = 203
+    x = (torch.randn(6, k) * torch.logspace(-3, 3, 6)[:, None]).to(dtype).to(DEVICE)
+    x[2] = 0.0
+    weight = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
+    input_scale = torch.tensor([0.02], device=DEVICE) if target == "fp8-static" else None
+    normed = rms_norm(x, weight, 1e-5)
+    if target == "fp16":
+        q, scales = rms_norm_scaled(x, weight, 1e-5, torch.float16)
+        q_ref, scales_ref = scale_to_fp16(normed)
+    else:
+        q, scales = rms_norm_scaled(x, weight, 1e-5, torch.float8_e4m3fn, input_scale)
+        q_ref, scales_ref = quantize_fp8(normed, input_scale)
+    assert q.dtype == q_ref.dtype
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scales, scales_ref)
+
+
+def test_rms_norm_scaled_checks_its_inputs():
+    x = torch.randn(4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"norm_weight: expected torch.float32 of shape \(32,\)"):
+        rms_norm_scaled(x, torch.ones(31, device=DEVICE), 1e-6, torch.float16)
+    with pytest.raises(ValueError, match="dtype: expected torch.float8_e4m3fn or torch.float16"):
+        rms_norm_scaled(x, torch.ones(32, device=DEVICE), 1e-6, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "m, x_dtype, fused",
+    [
+        (1, torch.bfloat16, False),  # the matrix-vector kernel takes x as it is: the norm first
+        (5, torch.bfloat16, True),  # x scaled into fp16 (fp8_fp16_x)
+        (5, torch.float32, False),  # an fp32 x is not converted
+        (70, torch.float32, True),  # x quantized for the FP8 dot
+    ],
+)
+def test_matmul_rms_norm_of_x(kernel_options, m, x_dtype, fused):
+    """matmul(x, ..., rms_norm_weight=w) is matmul(rms_norm(x, w)) bit for bit, the norm inside
+    the kernel that converts x for the FP8 weights where there is one."""
+    kernel_options(fp8_fp16_x=1)
+    k, n = 96, 74
+    x = torch.randn(m, k, device=DEVICE).to(x_dtype)
+    norm_weight = (torch.rand(k, device=DEVICE) + 0.5).to(x_dtype)
+    weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
+    residual = torch.randn(m, n // 2, device=DEVICE).to(x_dtype)
+    call = dict(activation="silu_mul", residual=residual, weight_scale=scale)
+    y = matmul(x, weight, **call, rms_norm_weight=norm_weight, rms_norm_eps=1e-5)
+    plans = [plan for key, plan in matmul_module._plans.items() if key[-1] is not None]
+    assert [plan.norm_fused for plan in plans] == [fused]
+    expected = matmul(rms_norm(x, norm_weight, 1e-5), weight, **call)
+    assert torch.equal(y, expected)
+
+
+def test_matmul_rms_norm_weight_is_checked():
+    x = torch.randn(3, 32, device=DEVICE)
+    weight, scale = quantize_rows(torch.randn(16, 32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"rms_norm_weight: expected shape \(32,\)"):
+        matmul(x, weight, weight_scale=scale, rms_norm_weight=torch.ones(16, device=DEVICE))
+    with pytest.raises(ValueError, match="rms_norm_weight"):
+        matmul(x, weight, weight_scale=scale, rms_norm_weight=torch.ones(32, device=DEVICE).half())
 
 
 @pytest.mark.parametrize(
@@ -569,13 +635,16 @@ def test_fp8_checkpoint_large_batch_quantizes_activations(fp8_checkpoint):
 
 
 def _check_fp8_step(name: str, steps: list):
-    """A forward hook: the FP8 Linear's output against float64 arithmetic on its input rounded
-    by quantize_fp8 (with the layer's static scale, if any); appends (name, relative error)."""
+    """A forward hook: the FP8 Linear's output against float64 arithmetic on its input (after
+    the RMSNorm it was given, by the norm's own kernel) rounded by quantize_fp8 (with the layer's
+    static scale, if any); appends (name, relative error)."""
 
     def hook(module, args, kwargs, out):
         call = inspect.signature(FP8Linear.forward).bind(module, *args, **kwargs)
         call.apply_defaults()
         x = call.arguments["x"]
+        if call.arguments["norm"] is not None:
+            x = call.arguments["norm"](x)
         rows = x.reshape(-1, x.shape[-1])
         residual = call.arguments["residual"]
         expected = _reference(

@@ -22,6 +22,7 @@ class Linear(nn.Module):
     """y = residual + alpha * act(x @ weight.T + bias), in one matmul kernel.
 
     A fused layer (QKV, gate-up) is one Linear whose rows are the concatenated projections.
+    norm: an RMSNorm applied to x first (a separate kernel here; FP8 layers fuse it, zoo/quant.py).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -35,7 +36,10 @@ class Linear(nn.Module):
         activation: str | None = None,
         residual: torch.Tensor | None = None,
         alpha: float = 1.0,
+        norm: RMSNorm | None = None,
     ) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
         return matmul(
             x, self.weight, self.bias, activation=activation, residual=residual, alpha=alpha
         )
@@ -214,7 +218,8 @@ class SelfAttention(nn.Module):
     window: sliding-window attention over that many keys (None: all). qk_norm_eps: per-head
     RMSNorm of q and k before the rotation, with weights q_norm / k_norm (Qwen3; None: none).
     out: the output projection (None: a Linear; a tensor-parallel model passes its row-split
-    projection, and num_heads / num_kv_heads are then this rank's).
+    projection, and num_heads / num_kv_heads are then this rank's). forward's norm: the RMSNorm
+    of x, done by the QKV projection (which may fuse it), with x the un-normalised hidden state.
     """
 
     def __init__(
@@ -255,9 +260,10 @@ class SelfAttention(nn.Module):
         inputs: AttentionInputs,
         residual: torch.Tensor,
         residual_scale: float = 1.0,
+        norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, (H + 2 * Hkv) * D)
+        qkv = self.qkv(x, norm=norm)  # (B, T, (H + 2 * Hkv) * D)
         q = rope_cache_write(
             qkv,
             k_cache,

@@ -14,7 +14,7 @@ from torch import nn
 
 from convert.fp8 import quantize_rows
 from kernels.matmul import matmul
-from zoo.layers import Linear
+from zoo.layers import Linear, RMSNorm
 
 
 class FP8Linear(nn.Module):
@@ -48,7 +48,9 @@ class FP8Linear(nn.Module):
         activation: str | None = None,
         residual: torch.Tensor | None = None,
         alpha: float = 1.0,
+        norm: RMSNorm | None = None,
     ) -> torch.Tensor:
+        # norm(x) first: inside the kernel that converts x for the FP8 weights where one runs
         return matmul(
             x,
             self.weight,
@@ -58,6 +60,8 @@ class FP8Linear(nn.Module):
             alpha=alpha,
             weight_scale=self.weight_scale,
             input_scale=self.input_scale,
+            rms_norm_weight=norm.weight if norm is not None else None,
+            rms_norm_eps=norm.eps if norm is not None else 0.0,
         )
 
     def _apply(self, fn, recurse=True):

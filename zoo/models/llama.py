@@ -224,8 +224,9 @@ class LlamaMLP(nn.Module):
         self.gate_up = Linear(config.hidden_size, 2 * inter, config.mlp_bias)
         self.down = output_projection(inter, config.hidden_size, config.mlp_bias, tp, slot=1)
 
-    def forward(self, x, residual, residual_scale):
-        hidden = self.gate_up(x, activation="silu_mul")  # silu(gate) * up, (B, T, I)
+    def forward(self, x, residual, residual_scale, norm=None):
+        # silu(gate) * up of norm(x), (B, T, I)
+        hidden = self.gate_up(x, activation="silu_mul", norm=norm)
         return self.down(hidden, residual=residual, alpha=residual_scale)
 
 
@@ -254,8 +255,9 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(config, shard, tp)
 
     def forward(self, h, k_cache, v_cache, inputs: AttentionInputs):
-        h = self.attn(self.attn_norm(h), k_cache, v_cache, inputs, h, self.residual_multiplier)
-        return self.mlp(self.mlp_norm(h), h, self.residual_multiplier)
+        # each norm runs inside the projection that takes it (fused there for FP8 weights)
+        h = self.attn(h, k_cache, v_cache, inputs, h, self.residual_multiplier, self.attn_norm)
+        return self.mlp(h, h, self.residual_multiplier, self.mlp_norm)
 
 
 class Llama(DecoderOnlyLM):
