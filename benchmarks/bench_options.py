@@ -19,6 +19,9 @@ geometric mean of its cases, a table where it is at least 1% faster summed over 
 covers; otherwise today's choice stays.
 
     PYTHONPATH=. python benchmarks/bench_options.py [--out options.json] [--options-out opts.txt]
+
+--skip-decode leaves the decode tables out and --variants picks epilogue variants: `--skip-decode
+--variants default` gives only today's epilogue against cuBLAS (gpu_run.sh targets).
 """
 
 from __future__ import annotations
@@ -104,8 +107,8 @@ def restart_tuning() -> None:
         tuner.cache.clear()
 
 
-def epilogue_row(case, roofline: Roofline, top: int) -> dict:
-    """One matmul + activation case under every epilogue variant."""
+def epilogue_row(case, roofline: Roofline, top: int, variants: list[str]) -> dict:
+    """One matmul + activation case under each of the epilogue variants (the first: default)."""
     label, m, n_w, k, activation = case
     tuner = matmul_module._matmul_tma_kernel_tuned
     all_configs = list(tuner.configs)
@@ -124,8 +127,8 @@ def epilogue_row(case, roofline: Roofline, top: int) -> dict:
         return matmul_module.matmul(x, w, b, activation=activation)
 
     best_configs, expected = all_configs, None
-    for name, options in EPILOGUE_VARIANTS.items():
-        kernel_utils.set_kernel_options(**options)
+    for name in variants:
+        kernel_utils.set_kernel_options(**EPILOGUE_VARIANTS[name])
         restart_tuning()
         tuner.configs = best_configs
         us = attempt_us(f"{label} {name}", ours)
@@ -281,13 +284,13 @@ def pick_decode_options(matmuls: list[dict], attentions: list[dict]) -> dict:
     }
 
 
-def pick_epilogue(epilogues: list[dict]) -> dict:
+def pick_epilogue(epilogues: list[dict], variants: list[str]) -> dict:
     """The epilogue variant that wins (see the module docstring), as kernel options."""
 
     def geomean(name):
         return _geomean([r[name]["us"] for r in epilogues])
 
-    best = min(EPILOGUE_VARIANTS, key=geomean)
+    best = min(variants, key=geomean)
     if geomean(best) > MARGIN * geomean("default"):
         best = "default"  # a choice other than today's must win by more than the timing noise
     return EPILOGUE_VARIANTS[best]
@@ -308,16 +311,9 @@ def fmt_pct(value) -> str:
     return f"{value:.0f}%" if value is not None else "n/a"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--top", type=int, default=4, help="configs each variant is tuned over")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--options-out", default=None, help="file for the ZOO_KERNELS string")
-    args = parser.parse_args()
-    device = torch.cuda.get_device_name()
-    roofline = Roofline.measure()
-    print(f"{device}: {roofline.header()}; triton {triton.__version__}", flush=True)
-
+def decode_tables(roofline: Roofline) -> tuple[list[dict], list[dict]]:
+    """The decode matmuls (decode table off and on, cuBLAS) and the split-KV attention
+    (split table off and on, fixed splits) at every batch of DECODE_BATCHES, printed."""
     layers, head = layer_weights("cuda", torch.bfloat16)
     matmuls = [decode_matmul_row(batch, layers, head, roofline) for batch in DECODE_BATCHES]
     del layers, head
@@ -356,17 +352,44 @@ def main() -> None:
             f"| {r['floor_us']:.1f} | {fmt_pct(r['default_roofline_pct'])} "
             f"| {fmt_pct(r['split_table_roofline_pct'])} |"
         )
+    return matmuls, attentions
 
-    # written now too: a variant that does not compile (or worse) below ends the run
-    decode_options = pick_decode_options(matmuls, attentions)
-    write_options(args.options_out, {**EPILOGUE_VARIANTS["default"], **decode_options})
 
-    epilogues = [epilogue_row(case, roofline, args.top) for case in EPILOGUE_CASES]
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--top", type=int, default=4, help="configs each variant is tuned over")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--options-out", default=None, help="file for the ZOO_KERNELS string")
+    parser.add_argument("--skip-decode", action="store_true", help="no decode tables")
+    parser.add_argument(
+        "--variants",
+        default=",".join(EPILOGUE_VARIANTS),
+        help="epilogue variants to measure, comma-separated (default: all)",
+    )
+    args = parser.parse_args()
+    variants = ["default"] + [
+        name for name in filter(None, args.variants.split(",")) if name != "default"
+    ]
+    unknown = [name for name in variants if name not in EPILOGUE_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}, expected names of {list(EPILOGUE_VARIANTS)}")
+    device = torch.cuda.get_device_name()
+    roofline = Roofline.measure()
+    print(f"{device}: {roofline.header()}; triton {triton.__version__}", flush=True)
+
+    matmuls, attentions, decode_options = [], [], {}
+    if not args.skip_decode:
+        matmuls, attentions = decode_tables(roofline)
+        # written now too: a variant that does not compile (or worse) below ends the run
+        decode_options = pick_decode_options(matmuls, attentions)
+        write_options(args.options_out, {**EPILOGUE_VARIANTS["default"], **decode_options})
+
+    epilogues = [epilogue_row(case, roofline, args.top, variants) for case in EPILOGUE_CASES]
     print("\n| matmul + activation (bf16) | variant | us | cuBLAS matmul alone us | speed vs cuBLAS "
           "| % of roofline | config |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in epilogues:
-        for name in EPILOGUE_VARIANTS:
+        for name in variants:
             v = r[name]
             speed = f"{v['speed_vs_cublas']:.2f}x" if v["speed_vs_cublas"] else "n/a"
             print(
@@ -374,7 +397,7 @@ def main() -> None:
                 f"| {fmt_pct(v['roofline_pct'])} | {v['config']} |"
             )
 
-    options = {**pick_epilogue(epilogues), **decode_options}
+    options = {**pick_epilogue(epilogues, variants), **decode_options}
     write_options(args.options_out, options)
     if args.out:
         write_result(

@@ -28,6 +28,10 @@
 #             then under the winning options (or SPEED_OPTIONS="..." given as ZOO_KERNELS):
 #             Llama-3-8B decode at batch 1/8/32/64/128 (prompt 512, 64 new) with the 1x2048
 #             prefill, and Bert-base at 8x512 and 32x512, each with its roofline line
+#   targets   every figure of the serving-speed targets in one call: the large-M matmuls with an
+#             activation (today's epilogue) against cuBLAS, Llama-3-8B decode at batch 1/8/32/64/128
+#             (prompt 512, 64 new) with the 1x2048 prefill, and Bert-base 8x512 / 32x512, each with
+#             its roofline and the stored HF peers (no option measured, unlike speed)
 #   tp        tensor parallel over every GPU of the host (torchrun, benchmarks/bench_tp.py):
 #             Llama-3-8B decode at tp=N vs tp=1, Llama-3-70B decode (% of the bandwidth limit),
 #             prefill 1x2048 and batch-32 decode
@@ -159,6 +163,12 @@ for stage in "$@"; do
       ZOO_KERNELS=$opts python benchmarks/bench_decoder.py --model llama3-8b --shapes 1x512x64,8x512x64,32x512x64,64x512x64,128x512x64 --graph-only --out "$OUT/bench_decode_batches.json" 2>&1 | tee -a "$OUT/bench.log"
       echo "== decode measured at ${SECONDS}s"
       ZOO_KERNELS=$opts python benchmarks/bench_bert.py --model bert-base-uncased --shapes 8x512,32x512 --out "$OUT/bench_bert_speed.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    targets)
+      python benchmarks/bench_options.py --skip-decode --variants default --out "$OUT/bench_epilogues.json" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== matmul + activation measured at ${SECONDS}s"
+      python benchmarks/bench_decoder.py --model llama3-8b --shapes 1x512x64,8x512x64,32x512x64,64x512x64,128x512x64 --graph-only --out "$OUT/bench_decode_batches.json" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== decode measured at ${SECONDS}s"
+      python benchmarks/bench_bert.py --model bert-base-uncased --shapes 8x512,32x512 --out "$OUT/bench_bert_speed.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     embed)
       stored_peers embed
       python benchmarks/bench_embed.py --model bert-base-uncased $peers --out "$OUT/bench_embed.json" 2>&1 | tee -a "$OUT/bench.log" ;;
