@@ -13,6 +13,11 @@ passes; each is reported separately. HF peers, the same passes: eager (SDPA atte
 torch.compile(dynamic=True) (its first pass compiles). `--peers` measures them into
 benchmarks/results/<gpu>_embed_hf_peers.json; later runs read that file.
 
+The roofline floor of a pass: for each batch the larger of its bytes (the weights read once, the
+gathered embedding rows) over the measured copy bandwidth and the FLOPs of its real tokens alone
+(each text's projections and its own attention, no padding) over the measured matmul rate,
+summed over the batches; each provider's steady pass is given as a % of that floor.
+
     PYTHONPATH=. python benchmarks/bench_embed.py --model bert-base-uncased [--peers]
 """
 
@@ -29,13 +34,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_bert import flops  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
+    Roofline,
     attempt,
     fmt,
     gpu_tag,
     load_peers,
     ratio,
+    weight_bytes,
     write_result,
 )
 
@@ -147,6 +155,20 @@ def token_counts(batches: list[Batch]) -> dict:
     return dict(real=real, padded=padded, ours_run=run, packed_batches=packed_batches)
 
 
+def pass_floor(roofline: Roofline, model, batches: list[Batch]) -> dict:
+    """The roofline floor of one pass over the batches (module docstring): seconds, and the
+    seconds each limit alone would take."""
+    memory_s = compute_s = floor_s = 0.0
+    for _, mask, _ in batches:
+        lengths = mask.sum(1).tolist()
+        bytes_moved = weight_bytes(model, sum(lengths))
+        work = sum(flops(model.config, 1, length) for length in lengths)
+        memory_s += bytes_moved / roofline.copy_Bps
+        compute_s += work / roofline.matmul_flops
+        floor_s += roofline.floor_s(bytes_moved, work)
+    return {"floor_pass_s": floor_s, "memory_s": memory_s, "compute_s": compute_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bert-base-uncased")
@@ -204,6 +226,9 @@ def main() -> None:
     def texts_per_s(seconds: float | None) -> float | None:
         return args.texts / seconds if seconds else None
 
+    roofline = Roofline.measure()
+    floor = pass_floor(roofline, model, batches)
+
     providers = {
         "ours": ours,
         "hf_eager": {
@@ -223,19 +248,34 @@ def main() -> None:
                 **timing,
                 "steady_texts_per_s": texts_per_s(timing.get("steady_pass_s")),
                 "first_pass_texts_per_s": texts_per_s(timing.get("first_pass_s")),
+                "roofline_pct": 100 * floor["floor_pass_s"] / timing["steady_pass_s"]
+                if timing.get("steady_pass_s")
+                else None,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
 
     steady = {r["provider"]: r["steady_texts_per_s"] for r in rows}
     print(f"\n{workload_key(args)} on {device}, bf16 (higher texts/s is better)")
-    print("| provider | steady texts/s | steady pass s | first pass s | ours vs this (steady) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(roofline.header())
+    print(
+        "| provider | steady texts/s | steady pass s | first pass s | ours vs this (steady) "
+        "| % of roofline (steady) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        pct = r["roofline_pct"]
         print(
             f"| {r['provider']} | {fmt(r['steady_texts_per_s'], 0)} | {fmt(r.get('steady_pass_s'), 3)} "
-            f"| {fmt(r.get('first_pass_s'), 2)} | {ratio(steady['ours'], r['steady_texts_per_s'])} |"
+            f"| {fmt(r.get('first_pass_s'), 2)} | {ratio(steady['ours'], r['steady_texts_per_s'])} "
+            f"| {f'{pct:.0f}%' if pct is not None else 'n/a'} |"
         )
+    bound = "compute" if floor["compute_s"] >= floor["memory_s"] else "memory"
+    print(
+        f"| roofline floor | {args.texts / floor['floor_pass_s']:.0f} | "
+        f"{floor['floor_pass_s']:.3f} ({bound}: FLOPs of the real tokens "
+        f"{floor['compute_s']:.3f} s, bytes {floor['memory_s']:.3f} s) | | | 100% |"
+    )
     print(f"\nours: first call (kernel compilation) {warmup_s:.1f} s before the first pass")
     if args.out:
         write_result(
@@ -245,6 +285,8 @@ def main() -> None:
             workload=workload_key(args),
             padded_widths=widths,
             tokens=tokens,
+            **roofline.limits(),
+            roofline_floor=floor,
             ours_warmup_s=warmup_s,
             rows=rows,
         )
