@@ -19,6 +19,8 @@
 #             (PEERS=1: HF eager and static cache + compile at those prompts)
 #   gpt2-prefill  GPT-2 plain forward of 1 x 1024 tokens (and its TTFT) vs its GPU time and HF eager
 #   launch    the host cost of kernel launches (benchmarks/bench_launch.py, where present)
+#   plain-profile  where a Bert plain call's time beyond its GPU work goes: synced wall time and a
+#             torch.profiler table of host ops and GPU kernels (benchmarks/profile_plain_call.py)
 #   t5        T5-base generation benchmark, input 256, 64 new tokens
 #   kernels   our matmul and attention alone vs cuBLAS and SDPA at the models' shapes
 #   tma-split the projections where the persistent matmul may split K, tuned with and without it
@@ -187,6 +189,8 @@ for stage in "$@"; do
       else
         echo "benchmarks/bench_launch.py is absent: launch skipped"
       fi ;;
+    plain-profile)
+      python benchmarks/profile_plain_call.py 2>&1 | tee "$OUT/plain_call_profile.log" ;;
     tp)
       gpus=$(nvidia-smi -L | wc -l)
       # TP_ARGS="--skip-large" / "--skip-tp1 --skip-small" split it over two calls if need be
