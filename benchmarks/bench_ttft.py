@@ -43,24 +43,11 @@ from common import (  # noqa: E402
     load_peers,
     ratio,
     roofline_cells,
+    wall_ms,
     write_result,
 )
 
 import zoo  # noqa: E402
-
-
-def wall_ms(fn, warmup: int, repeats: int) -> float:
-    """Median wall time of fn in ms, synced before and after each call, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
 
 
 def bench_peers(args, prompts: list[int], save) -> dict:

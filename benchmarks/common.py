@@ -135,16 +135,23 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in params if p.dim() == 2 and id(p) not in gathered)
 
 
-def median_seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: compilation, autotuning, graph capture
+def wall_ms(fn, warmup: int, repeats: int) -> float:
+    """Median wall time of fn in ms, synced before and after each call, after warmup calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(1e3 * (time.perf_counter() - start))
     return sorted(times)[len(times) // 2]
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    """wall_ms in seconds after one warm-up call (compilation, autotuning, graph capture)."""
+    return wall_ms(fn, warmup=1, repeats=repeats) / 1e3
 
 
 def call_ms(fn, warmup: int = 10, repeats: int = 50) -> float:

@@ -1,10 +1,10 @@
 """Where a Bert plain call's time beyond its GPU work goes.
 
-For each shape: the plain call `model(ids, attention_mask=mask)` timed synced (wall clock, the GPU
-idle before each call), then ten synced calls under torch.profiler with the host's ops and the GPU's
-kernels: the host ops' table (a host-to-device or device-to-host copy's time includes its wait for
-the GPU: the value checks read back after the replay wait for the whole graph) and the GPU kernel
-time per call. Random weights at the real architecture, bf16, full rows.
+For each shape: the plain call `model(ids, attention_mask=mask)` timed synced (median wall clock,
+the GPU idle before each call), then ten synced calls under torch.profiler with the host's ops and
+the GPU's kernels: the host ops' table (a device-to-host copy's time includes its wait for the GPU:
+the value checks read back after the replay wait for the whole graph) and the GPU kernel time per
+call. Random weights at the real architecture, bf16, full rows.
 
     PYTHONPATH=. python benchmarks/profile_plain_call.py [--shapes 1x512,8x128,32x128,8x512]
 """
@@ -12,23 +12,16 @@ time per call. Random weights at the real architecture, bf16, full rows.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import zoo
+sys.path.insert(0, str(Path(__file__).parent))
+from common import wall_ms  # noqa: E402
 
-
-def synced_wall_ms(fn, repeats: int = 50) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)
+import zoo  # noqa: E402
 
 
 def main() -> None:
@@ -46,13 +39,9 @@ def main() -> None:
             def plain(ids=ids, mask=mask):
                 return model(ids, attention_mask=mask)
 
-            for _ in range(20):  # compile, autotune, capture
-                plain()
-            times = synced_wall_ms(plain)
-            print(
-                f"\n== {batch}x{seq}: plain call synced median {times[len(times) // 2]:.3f} ms, "
-                f"min {times[0]:.3f}"
-            )
+            # warm-up calls first: compilation, autotuning, capture
+            median = wall_ms(plain, warmup=20, repeats=50)
+            print(f"\n== {batch}x{seq}: plain call synced median {median:.3f} ms")
             calls = 10
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(calls):
