@@ -13,9 +13,16 @@ Tensor parallel over several GPUs (a decoder; the first rank reads and prints):
 """
 
 import argparse
+import sys
 
 import zoo
-from zoo.cli import add_sampling_arguments, int_at_least, launched_ranks, sampling_options
+from zoo.cli import (
+    add_sampling_arguments,
+    int_at_least,
+    launched_ranks,
+    run_reporting_errors,
+    sampling_options,
+)
 
 
 def main() -> None:
@@ -96,4 +103,4 @@ def read_line(rank: int, world: int) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main, "chat.py"))

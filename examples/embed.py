@@ -10,11 +10,13 @@ The checkpoint's own tokenizer.json is read through `tokenizers` (zoo.load sets 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import zoo
+from zoo.cli import run_reporting_errors
 
 SENTENCES = [
     "A man is eating food.",
@@ -85,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main, "embed.py"))

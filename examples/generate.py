@@ -13,12 +13,19 @@ Tensor parallel over several GPUs (Llama, Granite, Mistral, Qwen, GPT-2; the fir
 """
 
 import argparse
+import sys
 import time
 
 import torch
 
 import zoo
-from zoo.cli import add_sampling_arguments, int_at_least, launched_ranks, sampling_options
+from zoo.cli import (
+    add_sampling_arguments,
+    int_at_least,
+    launched_ranks,
+    run_reporting_errors,
+    sampling_options,
+)
 
 
 def main() -> None:
@@ -75,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main, "generate.py"))

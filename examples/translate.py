@@ -9,12 +9,13 @@ T5 v1.0 checkpoints were trained on task prefixes ("translate English to German:
 """
 
 import argparse
+import sys
 import time
 
 import torch
 
 import zoo
-from zoo.cli import int_at_least
+from zoo.cli import int_at_least, run_reporting_errors
 
 
 def main() -> None:
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main, "translate.py"))

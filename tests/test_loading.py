@@ -212,6 +212,20 @@ def test_example_runs_on_the_cpu_without_triton_interpret(tmp_path):
     assert done.stderr.count("Triton's interpreter") == 1, done.stderr
 
 
+@pytest.mark.parametrize("example", ["generate.py", "chat.py", "embed.py", "translate.py"])
+def test_example_reports_a_missing_checkpoint_in_one_line(tmp_path, example):
+    """A user's error in an example script is one line naming the culprit, not a traceback."""
+    missing = tmp_path / "no-such-checkpoint"
+    args = [str(ROOT / "examples" / example), "--model", str(missing)]
+    if example == "generate.py":
+        args += ["--prompt", "hello"]
+    done = run_without_triton_interpret(args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{example}: error: "), done.stderr
+    assert str(missing) in lines[0]
+
+
 def test_layer_count_far_beyond_the_checkpoint_is_refused_at_once(tmp_path):
     path = tiny_llama_checkpoint(tmp_path)
     config = json.loads((path / "config.json").read_text())

@@ -55,9 +55,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
-    try:
+
+    def run() -> int:
         args = _parser().parse_args(argv)
         return args.run(args)
+
+    return run_reporting_errors(run)
+
+
+def run_reporting_errors(run: Callable[[], int | None], prog: str = "zoo") -> int:
+    """Run a command's body (the CLI's, an example script's main) and return its exit status: a
+    user's error is one line on stderr, `prog: error: ...`, not a traceback."""
+    try:
+        return run() or 0
     except KeyboardInterrupt:
         print(file=sys.stderr)  # end the interrupted line; no traceback
         return EXIT_INTERRUPTED
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, OSError) as e:
         # zoo's own errors (ValueError, CheckpointError, HubError, FileNotFoundError) already name
         # the culprit: one line, no traceback
-        print(f"zoo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
 
 
